@@ -1,0 +1,145 @@
+"""Command line: `python -m fasttrain {cnn,resnet} [flags]`.
+
+Flags override fields of the chosen recipe (dataclasses.replace); run options (data, device,
+output folder) are plain arguments. Bad input ends with one `error: ...` line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+
+from fasttrain.errors import UserError
+from fasttrain.recipes import Recipe, get_recipe, override
+
+RECIPE_FLAGS = ("epochs", "batch_size", "lr", "workers", "amp", "compile", "channels_last", "loader", "weights")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+for _f, _name in ((_positive_int, "positive integer"), (_non_negative_int, "integer"),
+                  (_positive_float, "number"), (_fraction, "fraction")):
+    _f.__name__ = _name  # argparse names the type in "invalid <name> value" messages
+
+
+def _add_train_flags(p: argparse.ArgumentParser, model: str) -> None:
+    from fasttrain.data import backend_names
+
+    flag = argparse.BooleanOptionalAction
+    p.add_argument("--recipe", choices=["fast", "seed"], default="fast",
+                   help="fast: tuned for throughput (default); seed: the report's setup exactly")
+    p.add_argument("--data", type=Path, help="data folder (default: $FASTTRAIN_DATA, else ./data)")
+    p.add_argument("--synthetic", action="store_true", help="random data of the recipe's shape; no files needed")
+    p.add_argument("--num-classes", type=_positive_int, help="classes for --synthetic and --summary")
+    p.add_argument("--train-limit", type=_positive_int, metavar="N", help="use at most N training images")
+    p.add_argument("--val-limit", type=_positive_int, metavar="N", help="use at most N validation images")
+    p.add_argument("--val-fraction", type=_fraction, default=0.1,
+                   help="share of each class held out when a folder has no val/ or test/ (default 0.1)")
+    p.add_argument("--loader", choices=backend_names(), help="input pipeline (default: the fastest available)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
+    p.add_argument("--epochs", type=_positive_int)
+    p.add_argument("--batch-size", type=_positive_int)
+    p.add_argument("--lr", type=_positive_float, help="peak learning rate")
+    p.add_argument("--workers", type=_non_negative_int, help="DataLoader processes (default: one per core)")
+    p.add_argument("--amp", action=flag, help="mixed precision: bf16 where supported, else fp16 (default: on CUDA)")
+    p.add_argument("--compile", action=flag, help="torch.compile the model (default: on CUDA)")
+    p.add_argument("--channels-last", action=flag, help="NHWC memory format")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--out", type=Path, help="run folder (default runs/<model>-<timestamp>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--summary", action="store_true", help="print the layers and parameter counts, then exit")
+    if model == "resnet":
+        p.add_argument("--finetune", action=flag, default=False,
+                       help="train every layer (default: only the new head, backbone frozen)")
+        p.add_argument("--weights", help="imagenet (default; torchvision's cache), none, or PATH to a state dict")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fasttrain", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{cnn,resnet}")
+    _add_train_flags(sub.add_parser("cnn", help="the seed report's CNN on CIFAR-100 (32 px)"), "cnn")
+    _add_train_flags(sub.add_parser("resnet", help="ResNet-18 from ImageNet weights on CUB-200 (224 px)"),
+                     "resnet")
+    return parser
+
+
+def recipe_overrides(args: argparse.Namespace) -> dict:
+    """The recipe fields set on the command line; None where a flag was not given."""
+    return {k: getattr(args, k, None) for k in RECIPE_FLAGS}
+
+
+def print_summary(model_name: str, recipe: Recipe, num_classes: int) -> None:
+    import torchinfo
+
+    from fasttrain.models import INPUT_SIZE, build_model
+
+    model = build_model(model_name, num_classes, recipe, weights="none")
+    size = INPUT_SIZE[model_name]
+    stats = torchinfo.summary(model, input_size=(2, 3, size, size), col_names=("output_size", "num_params"),
+                              depth=4, mode="eval", verbose=0, device="cpu")
+    print(stats)  # ends with the total, trainable and non-trainable parameter counts
+    if model_name == "resnet":
+        print(f"ResNet-18, {'fine-tuned' if recipe.finetune else 'frozen backbone, head only'}, {num_classes} classes")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run_train(args, argv if argv is not None else sys.argv[1:])
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def run_train(args: argparse.Namespace, argv: list[str]) -> int:
+    from fasttrain.models import DEFAULT_CLASSES
+
+    recipe = override(get_recipe(args.command, args.recipe, getattr(args, "finetune", False)), recipe_overrides(args))
+    if args.summary:
+        print_summary(args.command, recipe, args.num_classes or DEFAULT_CLASSES[args.command])
+        return 0
+    from fasttrain.session import TrainingSession
+
+    session = TrainingSession(args, recipe, recipe_overrides(args), command=shlex.join(["python", "-m", "fasttrain", *argv]))
+    try:
+        session.run()
+    except KeyboardInterrupt:
+        session.close()
+        print(f"interrupted; the last finished epoch is in {session.run_dir.last}: continue with "
+              f"--out {session.run_dir.path} --resume", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,67 @@
+"""Data: data sets on disk, and loaders that share one contract.
+
+Every loader is an iterable with `len()` that yields `(images, labels)` already on the training
+device, images float32 NCHW (channels_last when asked) and normalised, labels int64. Training
+loaders shuffle each epoch and drop the partial last batch; evaluation loaders yield every
+sample exactly once. The training loop never knows which backend made a batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+
+from fasttrain.data.datasets import DataSet, cap, open_dataset
+from fasttrain.data.synthetic import SyntheticLoader, synthetic_dataset
+from fasttrain.errors import UserError
+from fasttrain.recipes import Recipe
+
+
+@dataclass
+class Loaders:
+    train: Iterable
+    val: Iterable
+    backend: str          # which loader made the batches
+    mean: tuple           # normalisation applied, [0, 1] units
+    std: tuple
+
+
+def _torch_backend(data: DataSet, recipe: Recipe, device: torch.device, workers: int, seed: int,
+                   mean, std) -> tuple[Iterable, Iterable]:
+    from fasttrain.data.torch_loader import torch_loader
+    from fasttrain.data.transforms import eval_transform, train_transform
+
+    files = data.kind == "folder"
+    common = dict(batch_size=recipe.batch_size, device=device, workers=workers,
+                  channels_last=recipe.channels_last, seed=seed)
+    return (torch_loader(data.train, train_transform(recipe, mean, std, files), train=True, **common),
+            torch_loader(data.val, eval_transform(recipe, mean, std, files), train=False, **common))
+
+
+# name -> factory(data, recipe, device, workers, seed, mean, std) -> (train, val)
+BACKENDS: dict[str, Callable] = {"torch": _torch_backend}
+
+
+def backend_names() -> list[str]:
+    return ["auto", *BACKENDS]
+
+
+def build_loaders(data: DataSet, recipe: Recipe, device: torch.device, workers: int, seed: int) -> Loaders:
+    if len(data.train) < recipe.batch_size:
+        raise UserError(f"{len(data.train)} training images make no full batch of {recipe.batch_size}; "
+                        f"lower --batch-size or raise --train-limit")
+    if data.kind == "synthetic":
+        from fasttrain.recipes import IMAGENET_MEAN, IMAGENET_STD
+        make = lambda split, train: SyntheticLoader(split, recipe.batch_size, device, train, recipe.channels_last)  # noqa: E731
+        return Loaders(make(data.train, True), make(data.val, False), "synthetic", IMAGENET_MEAN, IMAGENET_STD)
+    from fasttrain.data.transforms import normalisation
+
+    name = "torch" if recipe.loader == "auto" else recipe.loader
+    mean, std = normalisation(recipe, data)
+    train, val = BACKENDS[name](data, recipe, device, workers, seed, mean, std)
+    return Loaders(train, val, name, mean, std)
+
+
+__all__ = ["DataSet", "Loaders", "build_loaders", "backend_names", "cap", "open_dataset", "synthetic_dataset"]

@@ -1,0 +1,5 @@
+"""The one exception a user is meant to see: the CLI prints it as `error: ...` and exits 2."""
+
+
+class UserError(Exception):
+    """Bad input the user can fix: a missing folder, a wrong flag value, a checkpoint that does not fit."""

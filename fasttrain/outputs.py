@@ -1,0 +1,135 @@
+"""A run's folder: metrics.jsonl, summary.json, curves.png and checkpoints, all written safely.
+
+Files that replace earlier versions (checkpoints, summary.json) are written to a temporary file,
+fsynced and renamed, so a crash or a full disk leaves the previous version intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from fasttrain.errors import UserError
+
+RUN_FILES = ("metrics.jsonl", "last.pt")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """write(file) into a temporary sibling of path, fsync it, then rename it over path."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide results from the user's group
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class RunDir:
+    def __init__(self, path: Path):
+        self.path = path
+        self.metrics = path / "metrics.jsonl"
+        self.summary = path / "summary.json"
+        self.curves = path / "curves.png"
+        self.last = path / "last.pt"
+        self.best = path / "best.pt"
+
+    def prepare(self, resume: bool) -> None:
+        """Create the folder; refuse to overwrite a run unless it is being resumed."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = tempfile.NamedTemporaryFile(dir=self.path, prefix=".write-test-")
+            probe.close()
+        except OSError as exc:
+            raise UserError(f"--out {self.path}: cannot write there ({exc.strerror})") from None
+        if resume and not self.last.is_file():
+            raise UserError(f"--resume: no checkpoint {self.last}; start a new run without --resume")
+        if not resume and any((self.path / name).exists() for name in RUN_FILES):
+            raise UserError(f"--out {self.path} holds a run already; pass --resume to continue it, "
+                            f"or choose another --out")
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+
+    def keep_metrics_through(self, epoch: int) -> list[dict]:
+        """On resume: drop rows of epochs after the checkpoint, so each epoch appears once."""
+        rows = [row for row in self.read_metrics() if row["epoch"] <= epoch]
+        atomic_write(self.metrics, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows)), "w")
+        return rows
+
+    def append_metrics(self, row: dict) -> None:
+        with open(self.metrics, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def write_summary(self, summary: dict) -> None:
+        atomic_write(self.summary, lambda f: json.dump(summary, f, indent=2), "w")
+
+    def save_checkpoint(self, state: dict, best: bool) -> None:
+        try:
+            atomic_write(self.last, lambda f: torch.save(state, f))
+            if best:
+                self._link_best()
+        except OSError as exc:
+            raise UserError(f"cannot write checkpoint in {self.path} ({exc.strerror}); "
+                            f"the previous checkpoint is intact") from None
+
+    def _link_best(self) -> None:
+        """best.pt becomes a second name of the last.pt just written: atomic, and no second write."""
+        tmp = self.path / ".best.pt.tmp"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(self.last, tmp)
+        except OSError:  # file systems without hard links
+            shutil.copyfile(self.last, tmp)
+        os.replace(tmp, self.best)
+
+    def plot_curves(self, rows: list[dict], title: str) -> None:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        epochs = [r["epoch"] for r in rows]
+        fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+        ax_loss.plot(epochs, [r["train_loss"] for r in rows], marker="o", label="train")
+        ax_loss.plot(epochs, [r["val_loss"] for r in rows], marker="o", label="validation")
+        ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="Training loss")
+        ax_loss.legend()
+        ax_acc.plot(epochs, [100 * r["val_acc"] for r in rows], marker="o", color="tab:green", label="validation")
+        ax_acc.plot(epochs, [100 * r["train_acc"] for r in rows], marker=".", color="tab:gray", alpha=0.6,
+                    label="train (augmented)")
+        ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="Validation accuracy")
+        ax_acc.legend()
+        for ax in (ax_loss, ax_acc):
+            ax.grid(alpha=0.3)
+            ax.xaxis.get_major_locator().set_params(integer=True)
+        fig.suptitle(title)
+        fig.savefig(self.curves, dpi=120)
+        plt.close(fig)
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"{path}: not a readable fasttrain checkpoint ({type(exc).__name__})") from None

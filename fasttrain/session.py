@@ -1,0 +1,251 @@
+"""One training run from start (or resume) to finish: wires data, model, loop and outputs together."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.metadata
+import platform
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from fasttrain import device as dev
+from fasttrain.data import build_loaders, cap, open_dataset, synthetic_dataset
+from fasttrain.data.synthetic import SYNTHETIC_SIZES
+from fasttrain.errors import UserError
+from fasttrain.models import DEFAULT_CLASSES, build_model, trainable_parameters
+from fasttrain.outputs import RunDir, load_checkpoint
+from fasttrain.progress import make_reporter
+from fasttrain.recipes import Recipe, override, recipe_from_dict
+from fasttrain.train import EpochRecord, fit, make_optimizer, make_scheduler
+
+
+def _rng_state() -> dict:
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": (kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss)}
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def versions() -> dict:
+    def version(dist: str) -> str | None:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    import torchvision
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": np.__version__, "dali": version("nvidia-dali-cuda130") or version("nvidia-dali-cuda120"),
+            "cuda": torch.version.cuda}
+
+
+def _tuple_state(obj):
+    """Python's random state as nested tuples, which torch.load(weights_only=True) accepts."""
+    return tuple(_tuple_state(x) for x in obj) if isinstance(obj, (list, tuple)) else obj
+
+
+class TrainingSession:
+    def __init__(self, args: argparse.Namespace, recipe: Recipe, overrides: dict, command: str):
+        self.args, self.command, self.versions = args, command, versions()
+        self.overrides, self.notes = overrides, []
+        self.run_dir = RunDir(args.out or Path("runs") / f"{args.command}-{time.strftime('%Y%m%d-%H%M%S')}")
+        self.run_dir.prepare(resume=args.resume)
+        self.checkpoint = load_checkpoint(self.run_dir.last) if args.resume else None
+        if self.checkpoint is not None:
+            # the checkpoint's recipe, with the flags given on this command line on top
+            recipe = override(recipe_from_dict(self.checkpoint["recipe"]), overrides)
+        self.recipe = recipe
+        self.device = dev.resolve_device(args.device)
+        self.amp = recipe.amp if recipe.amp is not None else self.device.type == "cuda"
+        self.compile = recipe.compile if recipe.compile is not None else self.device.type == "cuda"
+        self.precision = dev.choose_precision(self.device, self.amp)
+        seed_everything(args.seed)
+        self.reporter = None
+
+    # ---- setup ---------------------------------------------------------------------------
+
+    def _dataset(self):
+        args, recipe = self.args, self.recipe
+        if args.synthetic:
+            n_train, n_val = SYNTHETIC_SIZES[args.command]
+            classes = args.num_classes or DEFAULT_CLASSES[args.command]
+            data = synthetic_dataset(classes, recipe.image_size, n_train, n_val)
+        else:
+            data = open_dataset(args.command, args.data, args.val_fraction)
+            if args.num_classes is not None and args.num_classes != data.num_classes:
+                raise UserError(f"--num-classes {args.num_classes}: the data set has {data.num_classes} classes")
+        data = cap(data, args.train_limit, args.val_limit)
+        if self.checkpoint is not None and list(self.checkpoint["classes"]) != list(data.classes):
+            raise UserError(f"{self.run_dir.last}: trained on {len(self.checkpoint['classes'])} classes that differ "
+                            f"from the data's {data.num_classes}; resume with the same data set")
+        return data
+
+    def _fit_batch_to_data(self) -> None:
+        """A recipe's default batch larger than a small (capped) data set shrinks to fit, lr scaled alike.
+
+        A batch size given on the command line is never changed: build_loaders refuses it instead.
+        """
+        n, batch = len(self.data.train), self.recipe.batch_size
+        if self.overrides.get("batch_size") is not None or self.checkpoint is not None or n >= batch:
+            return
+        fitted = 1 << (n.bit_length() - 1)  # largest power of two that fits
+        lr = self.recipe.lr * fitted / batch if self.overrides.get("lr") is None else self.recipe.lr
+        self.recipe = dataclasses.replace(self.recipe, batch_size=fitted, lr=lr)
+        self.notes.append(f"{n} training images: batch {batch} -> {fitted}, lr scaled to {lr:g}")
+
+    def _model(self, num_classes: int) -> nn.Module:
+        # a resumed run takes every weight from its checkpoint: nothing to download
+        weights = "none" if self.checkpoint is not None else None
+        model = build_model(self.args.command, num_classes, self.recipe, weights=weights)
+        return dev.prepare_model(model, self.device, self.recipe.channels_last)
+
+    # ---- the run ----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        recipe, device = self.recipe, self.device
+        dev.configure_backends(device)
+        self.data = self._dataset()
+        self._fit_batch_to_data()
+        recipe = self.recipe
+        from fasttrain.data.torch_loader import default_workers
+
+        self.workers = recipe.workers if recipe.workers is not None else default_workers()
+        self.loaders = build_loaders(self.data, recipe, device, self.workers, self.args.seed)
+        self.model = self._model(self.data.num_classes)
+        optimizer = make_optimizer(trainable_parameters(self.model), recipe)
+        steps = len(self.loaders.train)
+        scheduler = make_scheduler(optimizer, recipe, steps)
+        scaler = self.precision.grad_scaler()
+        self.rows, self.best_acc, start_epoch, self.compile_s = [], -1.0, 1, 0.0
+        if self.checkpoint is not None:
+            ck = self.checkpoint
+            self.model.load_state_dict(ck["model"])
+            optimizer.load_state_dict(ck["optimizer"])
+            scheduler.load_state_dict(ck["scheduler"])
+            scaler.load_state_dict(ck["scaler"])
+            _set_rng_state(ck["rng"])
+            start_epoch = ck["epoch"] + 1
+            self.best_acc = ck["best_val_acc"]
+            self.compile_s = ck.get("compile_time_s", 0.0)
+            self.rows = self.run_dir.keep_metrics_through(ck["epoch"])
+        self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
+        loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+        compiled = dev.maybe_compile(self.model, self.compile)
+
+        self.reporter = make_reporter()
+        self._announce(start_epoch)
+        self.started = time.perf_counter()
+        self.prior_time_s = self.checkpoint.get("total_time_s", 0.0) if self.checkpoint else 0.0
+        self.status = "running"
+        fit(compiled, self.loaders.train, self.loaders.val, optimizer, scheduler, scaler, loss_fn, self.precision,
+            device, recipe.epochs, start_epoch, compiled=self.compile,
+            observer_for=lambda epoch: self.reporter.start_epoch(epoch, recipe.epochs, steps),
+            on_epoch_end=self._epoch_end)
+        self.status = "finished"
+        self._write_summary()
+        self.close()
+        self._farewell()
+
+    def _announce(self, start_epoch: int) -> None:
+        r, p = self.recipe, self.reporter
+        p.print(f"fasttrain {self.args.command}, recipe {r.name}: {self.data.describe()}")
+        p.print(f"device {dev.device_name(self.device)}, {self.precision.name}, "
+                f"{'compiled' if self.compile else 'eager'}, {'channels_last' if r.channels_last else 'NCHW'}, "
+                f"loader {self.loaders.backend}, batch {r.batch_size}, lr {r.lr:g}, {r.epochs} epochs")
+        for note in self.notes:
+            p.print(f"note: {note}")
+        if start_epoch > 1:
+            p.print(f"resuming {self.run_dir.path} at epoch {start_epoch}")
+        p.print(f"run folder: {self.run_dir.path}")
+
+    def _epoch_end(self, record: EpochRecord) -> None:
+        t, v = record.train, record.val
+        self.compile_s += t.compile_s + v.compile_s
+        row = {"epoch": record.epoch, "train_loss": t.loss, "train_acc": t.acc, "val_loss": v.loss,
+               "val_acc": v.acc, "val_top5": v.top5, "images_per_sec": t.images_per_sec,
+               "data_wait_fraction": t.data_wait_fraction, "epoch_time_s": t.seconds, "train_images": t.images,
+               "compile_time_s": t.compile_s + v.compile_s, "lr": record.lr}
+        if not np.isfinite(t.loss):
+            raise UserError(f"epoch {record.epoch}: training loss is {t.loss}; lower --lr or use --no-amp "
+                            f"(last good checkpoint: {self.run_dir.last})")
+        self.rows.append(row)
+        self.run_dir.append_metrics(row)
+        self.reporter.end_epoch(row)
+        best = v.acc > self.best_acc
+        self.best_acc = max(self.best_acc, v.acc)
+        self.run_dir.save_checkpoint(self._checkpoint_state(record.epoch), best=best)
+        self.run_dir.plot_curves(self.rows, f"{self.args.command}, recipe {self.recipe.name}, "
+                                            f"{dev.device_name(self.device)}")
+        self._write_summary()
+
+    def _checkpoint_state(self, epoch: int) -> dict:
+        rng = _rng_state()
+        rng["python"] = _tuple_state(rng["python"])
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": epoch,
+                "rng": rng, "recipe": dataclasses.asdict(self.recipe), "model_name": self.args.command,
+                "classes": list(self.data.classes), "mean": list(self.loaders.mean), "std": list(self.loaders.std),
+                "best_val_acc": self.best_acc, "compile_time_s": self.compile_s,
+                "total_time_s": self.prior_time_s + time.perf_counter() - self.started}
+
+    def _write_summary(self) -> None:
+        rows = self.rows
+        images = sum(r["train_images"] for r in rows)
+        seconds = sum(r["epoch_time_s"] for r in rows)
+        best = max(rows, key=lambda r: r["val_acc"]) if rows else None
+        self.run_dir.write_summary({
+            "status": self.status, "model": self.args.command, "recipe": dataclasses.asdict(self.recipe),
+            "command": self.command, "versions": self.versions, "device": dev.device_name(self.device),
+            "precision": self.precision.name, "compiled": self.compile, "loader": self.loaders.backend,
+            "workers": self.workers if self.loaders.backend == "torch" else None, "world_size": 1,
+            "data": {"description": self.data.describe(), "kind": self.data.kind, "layout": self.data.layout,
+                     "train_images": len(self.data.train), "val_images": len(self.data.val),
+                     "classes": self.data.num_classes, "mean": list(self.loaders.mean),
+                     "std": list(self.loaders.std)},
+            "epochs_completed": rows[-1]["epoch"] if rows else 0,
+            "best_val_acc": best["val_acc"] if best else None, "best_epoch": best["epoch"] if best else None,
+            "final_val_acc": rows[-1]["val_acc"] if rows else None,
+            "final_val_top5": rows[-1]["val_top5"] if rows else None,
+            "compile_time_s": self.compile_s, "train_time_s": seconds,
+            "total_time_s": self.prior_time_s + time.perf_counter() - self.started,
+            "mean_images_per_sec": images / seconds if seconds else None,
+            "mean_data_wait_fraction": (sum(r["data_wait_fraction"] * r["epoch_time_s"] for r in rows) / seconds
+                                        if seconds else None),
+        })
+
+    def _farewell(self) -> None:
+        last = self.rows[-1] if self.rows else None
+        if last is None:
+            return
+        print(f"done: val acc {100 * last['val_acc']:.2f}% (best {100 * self.best_acc:.2f}%), "
+              f"{last['images_per_sec']:,.0f} img/s in the last epoch, compile {self.compile_s:.1f}s; "
+              f"outputs in {self.run_dir.path}")
+
+    def close(self) -> None:
+        if self.reporter is not None:
+            self.reporter.close()
+            self.reporter = None
+
+
