@@ -104,14 +104,15 @@ class RunDir:
             shutil.copyfile(self.last, tmp)
         os.replace(tmp, self.best)
 
-    def plot_curves(self, rows: list[dict], title: str) -> None:
+    def plot_curves(self, rows: list[dict], title: str, label_smoothing: float = 0.0) -> None:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         epochs = [r["epoch"] for r in rows]
         fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
-        ax_loss.plot(epochs, [r["train_loss"] for r in rows], marker="o", label="train")
+        train_label = f"train (label smoothing {label_smoothing:g})" if label_smoothing else "train"
+        ax_loss.plot(epochs, [r["train_loss"] for r in rows], marker="o", label=train_label)
         ax_loss.plot(epochs, [r["val_loss"] for r in rows], marker="o", label="validation")
         ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="Training loss")
         ax_loss.legend()

@@ -197,7 +197,7 @@ class TrainingSession:
         self.best_acc = max(self.best_acc, v.acc)
         self.run_dir.save_checkpoint(self._checkpoint_state(record.epoch), best=best)
         self.run_dir.plot_curves(self.rows, f"{self.args.command}, recipe {self.recipe.name}, "
-                                            f"{dev.device_name(self.device)}")
+                                            f"{dev.device_name(self.device)}", self.recipe.label_smoothing)
         self._write_summary()
 
     def _checkpoint_state(self, epoch: int) -> dict:
