@@ -15,7 +15,8 @@ from pathlib import Path
 from fasttrain.errors import UserError
 from fasttrain.recipes import Recipe, get_recipe, override
 
-RECIPE_FLAGS = ("epochs", "batch_size", "lr", "workers", "amp", "compile", "channels_last", "loader", "weights")
+RECIPE_FLAGS = ("epochs", "batch_size", "lr", "workers", "amp", "compile", "channels_last", "loader", "cache",
+                "weights")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -70,6 +71,8 @@ def _add_train_flags(p: argparse.ArgumentParser, model: str) -> None:
     p.add_argument("--val-fraction", type=_fraction, default=0.1,
                    help="share of each class held out when a folder has no val/ or test/ (default 0.1)")
     p.add_argument("--loader", choices=backend_names(), help="input pipeline (default: the fastest available)")
+    p.add_argument("--cache", choices=["auto", "gpu", "none"],
+                   help="DALI: decode the data set once and keep it on the GPU (auto: when it fits)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
     p.add_argument("--epochs", type=_positive_int)
     p.add_argument("--batch-size", type=_positive_int)

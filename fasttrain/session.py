@@ -174,7 +174,7 @@ class TrainingSession:
         p.print(f"device {dev.device_name(self.device)}, {self.precision.name}, "
                 f"{'compiled' if self.compile else 'eager'}, {'channels_last' if r.channels_last else 'NCHW'}, "
                 f"loader {self.loaders.backend}, batch {r.batch_size}, lr {r.lr:g}, {r.epochs} epochs")
-        for note in self.notes:
+        for note in self.notes + self.loaders.notes:
             p.print(f"note: {note}")
         if start_epoch > 1:
             p.print(f"resuming {self.run_dir.path} at epoch {start_epoch}")

@@ -8,7 +8,7 @@ sample exactly once. The training loop never knows which backend made a batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
@@ -23,25 +23,41 @@ from fasttrain.recipes import Recipe
 class Loaders:
     train: Iterable
     val: Iterable
-    backend: str          # which loader made the batches
+    backend: str          # which loader made the batches: torch, dali, dali-cpu, dali-cache, synthetic
     mean: tuple           # normalisation applied, [0, 1] units
     std: tuple
+    notes: list = field(default_factory=list)  # decisions worth telling the user (cache, fallbacks)
 
 
 def _torch_backend(data: DataSet, recipe: Recipe, device: torch.device, workers: int, seed: int,
-                   mean, std) -> tuple[Iterable, Iterable]:
+                   mean, std) -> tuple[Iterable, Iterable, str, list[str]]:
     from fasttrain.data.torch_loader import torch_loader
     from fasttrain.data.transforms import eval_transform, train_transform
 
     files = data.kind == "folder"
     common = dict(batch_size=recipe.batch_size, device=device, workers=workers,
                   channels_last=recipe.channels_last, seed=seed)
+    notes = [] if recipe.cache != "gpu" else ["--cache gpu applies to the DALI loader only; not used"]
     return (torch_loader(data.train, train_transform(recipe, mean, std, files), train=True, **common),
-            torch_loader(data.val, eval_transform(recipe, mean, std, files), train=False, **common))
+            torch_loader(data.val, eval_transform(recipe, mean, std, files), train=False, **common), "torch", notes)
 
 
-# name -> factory(data, recipe, device, workers, seed, mean, std) -> (train, val)
-BACKENDS: dict[str, Callable] = {"torch": _torch_backend}
+def _dali_backend(data: DataSet, recipe: Recipe, device: torch.device, workers: int, seed: int,
+                  mean, std) -> tuple[Iterable, Iterable, str, list[str]]:
+    from fasttrain.data.dali_loader import dali_loaders
+
+    return dali_loaders(data, recipe, device, workers, seed, mean, std)
+
+
+# name -> factory(data, recipe, device, workers, seed, mean, std) -> (train, val, variant, notes)
+BACKENDS: dict[str, Callable] = {"torch": _torch_backend, "dali": _dali_backend}
+
+
+def default_backend() -> str:
+    """DALI whenever it imports, else the DataLoader baseline."""
+    from fasttrain.data.dali_loader import dali_available
+
+    return "dali" if dali_available() else "torch"
 
 
 def backend_names() -> list[str]:
@@ -58,10 +74,10 @@ def build_loaders(data: DataSet, recipe: Recipe, device: torch.device, workers: 
         return Loaders(make(data.train, True), make(data.val, False), "synthetic", IMAGENET_MEAN, IMAGENET_STD)
     from fasttrain.data.transforms import normalisation
 
-    name = "torch" if recipe.loader == "auto" else recipe.loader
+    name = default_backend() if recipe.loader == "auto" else recipe.loader
     mean, std = normalisation(recipe, data)
-    train, val = BACKENDS[name](data, recipe, device, workers, seed, mean, std)
-    return Loaders(train, val, name, mean, std)
+    train, val, variant, notes = BACKENDS[name](data, recipe, device, workers, seed, mean, std)
+    return Loaders(train, val, variant, mean, std, notes)
 
 
 __all__ = ["DataSet", "Loaders", "build_loaders", "backend_names", "cap", "open_dataset", "synthetic_dataset"]
