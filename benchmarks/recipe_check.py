@@ -22,6 +22,8 @@ from pathlib import Path
 # name, fasttrain arguments, data subfolder, time limit (s), quick-mode arguments
 RUNS = [
     ("cnn-fast", ["cnn"], "cifar-100-python", 300, ["--epochs", "1", "--train-limit", "512", "--val-limit", "128"]),
+    ("cnn-fast-torch-4ep", ["cnn", "--loader", "torch", "--epochs", "4"], "cifar-100-python", 120,
+     ["--epochs", "1", "--train-limit", "512", "--val-limit", "128"]),
     ("cnn-seed-2ep", ["cnn", "--recipe", "seed", "--epochs", "2"], "cifar-100-python", 120,
      ["--epochs", "1", "--train-limit", "256", "--val-limit", "64"]),
     ("resnet-finetune-1ep", ["resnet", "--finetune", "--weights", "none", "--epochs", "1"], "fashion-jpeg", 150,

@@ -93,10 +93,21 @@ def _add_train_flags(p: argparse.ArgumentParser, model: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fasttrain", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{cnn,resnet}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{cnn,resnet,preview}")
     _add_train_flags(sub.add_parser("cnn", help="the seed report's CNN on CIFAR-100 (32 px)"), "cnn")
     _add_train_flags(sub.add_parser("resnet", help="ResNet-18 from ImageNet weights on CUB-200 (224 px)"),
                      "resnet")
+    p = sub.add_parser("preview", help="draw one batch after augmentation, as the model sees it")
+    p.add_argument("model", choices=["cnn", "resnet"])
+    p.add_argument("--data", type=Path, help="data folder (default: $FASTTRAIN_DATA, else ./data)")
+    p.add_argument("--loader", choices=["dali", "torch"], default="dali")
+    p.add_argument("--split", choices=["train", "val"], default="train",
+                   help="val: the first batch in data-set order, to compare loaders picture to picture")
+    p.add_argument("--out", type=Path, default=Path("preview.png"))
+    p.add_argument("--recipe", choices=["fast", "seed"], default="fast")
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--val-fraction", type=_fraction, default=0.1)
     return parser
 
 
@@ -122,10 +133,21 @@ def print_summary(model_name: str, recipe: Recipe, num_classes: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "preview":
+            return run_preview(args)
         return run_train(args, argv if argv is not None else sys.argv[1:])
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def run_preview(args: argparse.Namespace) -> int:
+    from fasttrain.preview import preview
+
+    out = preview(args.model, args.data, args.loader, args.split, args.out, args.recipe, args.batch_size,
+                  args.device, val_fraction=args.val_fraction)
+    print(f"wrote {out}")
+    return 0
 
 
 def run_train(args: argparse.Namespace, argv: list[str]) -> int:

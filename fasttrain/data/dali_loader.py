@@ -150,6 +150,9 @@ class ArraySource:
         self.device_labels = torch.as_tensor(self.labels, device=images.device) if self.on_device else None
         self.rng = np.random.default_rng(seed)
         self.shard_id, self.num_shards = shard_id, num_shards
+        # batches are gathered on a side stream and waited for there alone: DALI then copies a
+        # finished buffer, and the training kernels queued on the default stream are never waited on
+        self.stream = torch.cuda.Stream(images.device) if self.on_device else None
 
     def __len__(self) -> int:
         n, b = len(self.labels), self.batch_size
@@ -173,8 +176,11 @@ class ArraySource:
         index = self.order[self.position:stop]
         self.position = stop
         if self.on_device:
-            picked = torch.as_tensor(index, device=self.images.device)
-            return self.images[picked], self.device_labels[picked][:, None]
+            with torch.cuda.stream(self.stream):
+                picked = torch.as_tensor(index, device=self.images.device)
+                images, labels = self.images[picked], self.device_labels[picked][:, None]
+            self.stream.synchronize()
+            return images, labels
         return self.images[index], self.labels[index, None]
 
 
