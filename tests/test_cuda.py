@@ -33,3 +33,28 @@ def test_cuda_loader_batches_arrive_on_the_device(tmp_path):
                             torch.device("cuda"), 0, 0)
     images, labels = next(iter(loaders.train))
     assert images.is_cuda and labels.is_cuda and images.is_contiguous(memory_format=torch.channels_last)
+
+
+needs_dali = pytest.mark.skipif(not __import__("fasttrain.data.dali_loader", fromlist=["x"]).dali_available(),
+                                reason="needs NVIDIA DALI (pip install nvidia-dali-cuda130)")
+
+
+@needs_cuda
+@needs_dali
+@pytest.mark.parametrize("layout, model, cache", [("cifar", "cnn", "none"), ("cifar", "cnn", "gpu"),
+                                                  ("jpeg", "resnet", "none"), ("jpeg", "resnet", "gpu")])
+def test_dali_gpu_loader_contract(layout, model, cache, cifar_root, jpeg_root):
+    from fasttrain.data import build_loaders, open_dataset
+    from fasttrain.recipes import CNN_FAST, RESNET_FAST
+
+    data = open_dataset(model, cifar_root if layout == "cifar" else jpeg_root)
+    recipe = (CNN_FAST if model == "cnn" else RESNET_FAST).replace(batch_size=8, cache=cache)
+    loaders = build_loaders(data, recipe, torch.device("cuda"), 4, 0)
+    assert loaders.backend == ("dali-cache" if cache == "gpu" else "dali")
+    for _ in range(2):
+        for images, labels in loaders.train:
+            assert images.is_cuda and labels.is_cuda and labels.dtype == torch.int64
+            assert images.shape == (8, 3, recipe.image_size, recipe.image_size)
+            assert images.is_contiguous(memory_format=torch.channels_last)
+    labels = torch.cat([y for _, y in loaders.val]).cpu()
+    assert labels.tolist() == data.val.labels.tolist()
