@@ -19,40 +19,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFilter
 
 from fasttrain.data import build_loaders, open_dataset
 from fasttrain.device import device_name, resolve_device, synchronize
 from fasttrain.recipes import get_recipe
 
-
-def photo(rng: np.random.Generator, size=(500, 375)) -> Image.Image:
-    """A synthetic photograph: sky-like gradient, soft shapes, fine texture, JPEG-friendly statistics."""
-    w, h = size
-    top, bottom = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
-    t = np.linspace(0, 1, h)[:, None, None]
-    base = (top * (1 - t) + bottom * t).repeat(w, 1)
-    image = Image.fromarray(base.astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-    for _ in range(rng.integers(4, 10)):
-        x, y = rng.integers(0, w), rng.integers(0, h)
-        r = rng.integers(15, 120)
-        draw.ellipse([x - r, y - r // 2, x + r, y + r // 2], fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
-    image = image.filter(ImageFilter.GaussianBlur(2))
-    texture = rng.normal(0, 12, (h, w, 1)) * np.sin(np.arange(w) / rng.uniform(2, 6))[None, :, None]
-    return Image.fromarray(np.clip(np.asarray(image) + texture, 0, 255).astype(np.uint8))
-
-
-def write_photos(root: Path, n: int, classes: int = 8, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    for split, count in (("train", n), ("val", max(classes, n // 8))):
-        for i in range(count):
-            folder = root / split / f"class{i % classes:02d}"
-            folder.mkdir(parents=True, exist_ok=True)
-            photo(rng).save(folder / f"{i:05d}.jpg", quality=90)
-    return root
+from benchmarks.photos import write_photos
 
 
 def measure(loader, device: torch.device, epochs: int) -> tuple[float, int]:

@@ -5,7 +5,7 @@
 DIR holds `cifar-100-python/` (CIFAR-100 or Fashion-MNIST as CIFAR pickles) and optionally
 `fashion-jpeg/` (an image folder). Each run is `python -m fasttrain ...` in its own process with
 its own time limit; RESULTS gets results.json (every run's command, summary and per-epoch
-metrics, with device and versions), results.md (a table), log.txt and each run's curves.png.
+metrics, with device and versions), results.md (a table), log.txt and curves.png (every run's loss and accuracy).
 `--quick` shrinks every run to a few hundred images and one epoch, to test the script on a CPU.
 """
 
@@ -50,9 +50,31 @@ def run_one(name, args, data, limit, out, runs, device, log) -> dict:
     if (run_dir / "summary.json").is_file():
         result["summary"] = json.loads((run_dir / "summary.json").read_text())
         result["metrics"] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    if (run_dir / "curves.png").is_file():
-        shutil.copyfile(run_dir / "curves.png", out / f"{name}-curves.png")
     return result
+
+
+def curves(results: list[dict], out: Path) -> None:
+    """Every run's training loss and validation accuracy in one picture: curves.png."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in results if r.get("metrics")]
+    if not runs:
+        return
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    for r in runs:
+        epochs = [m["epoch"] for m in r["metrics"]]
+        ax_loss.plot(epochs, [m["train_loss"] for m in r["metrics"]], marker="o", label=r["name"])
+        ax_acc.plot(epochs, [100 * m["val_acc"] for m in r["metrics"]], marker="o", label=r["name"])
+    ax_loss.set(xlabel="epoch", ylabel="training loss (with the recipe's label smoothing)", title="Training loss")
+    ax_acc.set(xlabel="epoch", ylabel="validation accuracy (%)", title="Validation accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"recipe check, {runs[0]['summary']['device']}")
+    fig.savefig(out / "curves.png", dpi=110)
+    plt.close(fig)
 
 
 def table(results: list[dict]) -> str:
@@ -97,6 +119,7 @@ def main() -> int:
     record = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "quick": args.quick, "runs": results}
     (args.out / "results.json").write_text(json.dumps(record, indent=2))
     (args.out / "results.md").write_text(table(results))
+    curves(results, args.out)
     print(table(results))
     return 0 if all(r["exit"] == 0 for r in results) else 1
 

@@ -13,7 +13,7 @@ The augmentation matches the torch baseline (fasttrain/data/transforms.py):
 
 Sources: raw uint8 arrays (CIFAR) come through an external source that shuffles with its own
 seeded generator every epoch; image files come through DALI's file reader. Decoded data sets can
-also be kept on the training device (`DeviceCache`) and served through the same operators.
+also be kept on the training device (`decode_to_device`) and served through the same operators.
 """
 
 from __future__ import annotations

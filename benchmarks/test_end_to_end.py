@@ -1,0 +1,74 @@
+"""Loader plus training for one short epoch, so the data stall shows: `data_wait_fraction` is the
+share of the epoch the training loop spent waiting for its next batch.
+
+Groups `e2e-cnn` (the fast CNN recipe on CIFAR-shaped arrays) and `e2e-resnet` (ResNet-18
+fine-tuned on bird-photo-sized JPEGs), each with the DataLoader, DALI and DALI from the cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from benchmarks.common import CUDA, DEVICE, SIZES, run
+from benchmarks.test_loaders import VARIANTS, _skip_unavailable
+from fasttrain.data import build_loaders, cap
+from fasttrain.data.torch_loader import default_workers
+from fasttrain.device import choose_precision, maybe_compile, prepare_model
+from fasttrain.models import build_model, trainable_parameters
+from fasttrain.recipes import get_recipe
+from fasttrain.train import make_optimizer, make_scheduler, train_one_epoch
+
+
+def _bench(benchmark, pipeline, variant, data, model_name, images, batch):
+    _skip_unavailable(variant)
+    loader, cache, where = VARIANTS[variant]
+    recipe = get_recipe(model_name, "fast", finetune=True).replace(
+        loader=loader, cache=cache, batch_size=batch, amp=CUDA, compile=CUDA)
+    data = cap(dataclasses.replace(data), images, None)
+    loaders = build_loaders(data, recipe, where, default_workers(), seed=0)
+    model = prepare_model(build_model(model_name, data.num_classes, recipe, weights="none"), DEVICE,
+                          recipe.channels_last)
+    optimizer = make_optimizer(trainable_parameters(model), recipe)
+    scheduler = make_scheduler(optimizer, recipe, len(loaders.train))
+    precision = choose_precision(DEVICE, recipe.amp)
+    scaler, loss_fn = precision.grad_scaler(), nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+    compiled = maybe_compile(model, recipe.compile)
+    waits = []
+
+    def epoch():
+        stats = train_one_epoch(compiled, _on_device(loaders.train), optimizer, scheduler, scaler, loss_fn,
+                                precision, DEVICE)
+        waits.append(stats.data_wait_fraction)
+
+    run(benchmark, epoch, pipeline=pipeline, variant=variant, batch_size=batch,
+        images=len(loaders.train) * batch, precision=precision.name, backend=loaders.backend,
+        compiled=recipe.compile)
+    benchmark.extra_info["data_wait_fraction"] = sum(waits[-SIZES.rounds:]) / len(waits[-SIZES.rounds:])
+
+
+class _on_device:
+    """A loader on the CPU (dali-cpu) still has to reach the GPU; the copy counts as waiting."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for images, labels in self.loader:
+            yield images.to(DEVICE, non_blocking=True), labels.to(DEVICE, non_blocking=True)
+
+
+@pytest.mark.parametrize("variant", ["torch", "dali", "dali-cache"])
+def test_e2e_cnn(benchmark, variant, cifar_data):
+    _bench(benchmark, "e2e-cnn", variant, cifar_data, "cnn", SIZES.e2e_cnn_images, SIZES.cnn_fast_batch)
+
+
+@pytest.mark.parametrize("variant", ["torch", "dali-cpu", "dali", "dali-cache"])
+def test_e2e_resnet(benchmark, variant, photo_data):
+    _bench(benchmark, "e2e-resnet", variant, photo_data, "resnet", SIZES.e2e_resnet_images, SIZES.resnet_fast_batch)

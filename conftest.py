@@ -1,0 +1,45 @@
+"""Repository-wide pytest settings.
+
+A plain `pytest` run executes every benchmark once, untimed (pytest-benchmark's
+--benchmark-disable), so CI proves the suites work without spending minutes timing them;
+`pytest --benchmark-only` (or --benchmark-enable) times them for real.
+"""
+
+import importlib.metadata
+
+import pytest
+
+
+def pytest_configure(config):
+    option = config.option
+    if hasattr(option, "benchmark_disable") and not (option.benchmark_only or option.benchmark_enable):
+        option.benchmark_disable = True
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """Device and library versions, in the JSON next to pytest-benchmark's own machine info."""
+    import torch
+    import torchvision
+
+    from benchmarks.common import DEVICE
+    from fasttrain.device import device_name
+
+    def version(dist):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    machine_info["fasttrain"] = {
+        "device": device_name(DEVICE), "torch": torch.__version__, "torchvision": torchvision.__version__,
+        "cuda": torch.version.cuda, "dali": version("nvidia-dali-cuda130"), "cpu_threads": torch.get_num_threads(),
+        "command": " ".join(["pytest", *config.invocation_params.args]),
+    }
+
+
+@pytest.fixture(scope="session")
+def peaks():
+    """The machine's measured matmul TFLOP/s per precision and copy GB/s (benchmarks.common)."""
+    from benchmarks.common import measure_peaks
+
+    return measure_peaks()
