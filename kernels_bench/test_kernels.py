@@ -14,7 +14,6 @@ rows report GB/s (bytes read plus written) and their share of the measured devic
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import numpy as np
@@ -24,24 +23,13 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models import resnet18
 
-from benchmarks.common import CUDA, DEVICE, SIZES, needs_dali, run
+from benchmarks.common import CUDA, DEVICE, SIZES, needs_dali, run, tf32
 from fasttrain.device import maybe_compile
 
 PRECISIONS = ["fp32", "tf32", "bf16", "fp16"] if CUDA else ["fp32", "bf16"]
 DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CONV_BLOCKS = {1: (3, 64, 32), 2: (64, 128, 32), 3: (128, 256, 16), 4: (256, 512, 16)}  # c_in, c_out, side
 RESNET_INPUTS = {1: (64, 56), 2: (64, 56), 3: (128, 28), 4: (256, 14)}                   # channels, side
-
-
-@contextlib.contextmanager
-def tf32(enabled: bool):
-    """fp32 means fp32: cuDNN's TF32 default is switched off unless the variant asks for it."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def variants():
@@ -68,7 +56,7 @@ def _bench_module(benchmark, peaks, group, make_module, shape, layout, precision
     x.requires_grad_(True)
     fn = maybe_compile(module, mode == "compiled")
 
-    def step():
+    def step():  # fp32 means fp32: cuDNN's TF32 default is off unless the variant asks for it
         with tf32(precision == "tf32"):
             fn(x).sum().backward()
 
