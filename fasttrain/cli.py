@@ -7,12 +7,11 @@ output folder) are plain arguments. Bad input ends with one `error: ...` line an
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
 
-from fasttrain.errors import UserError
+from fasttrain.errors import RunError, UserError
 from fasttrain.recipes import Recipe, get_recipe, override
 
 RECIPE_FLAGS = ("epochs", "batch_size", "lr", "workers", "amp", "compile", "channels_last", "loader", "cache",
@@ -85,6 +84,7 @@ def _add_train_flags(p: argparse.ArgumentParser, model: str) -> None:
     p.add_argument("--out", type=Path, help="run folder (default runs/<model>-<timestamp>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--summary", action="store_true", help="print the layers and parameter counts, then exit")
+    p.add_argument("--strict", action="store_true", help="refuse damaged image files (exit 2) instead of skipping them")
     if model == "resnet":
         p.add_argument("--finetune", action=flag, default=False,
                        help="train every layer (default: only the new head, backbone frozen)")
@@ -139,6 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RunError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # a second Ctrl-C: checkpoints are written atomically, none is half-written
+        print("stopped at once; last.pt holds the last state that was saved", file=sys.stderr)
+        return 130
 
 
 def run_preview(args: argparse.Namespace) -> int:
@@ -159,12 +165,8 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
         return 0
     from fasttrain.session import TrainingSession
 
-    session = TrainingSession(args, recipe, recipe_overrides(args), command=shlex.join(["python", "-m", "fasttrain", *argv]))
+    session = TrainingSession(args, recipe, recipe_overrides(args), argv)
     try:
-        session.run()
-    except KeyboardInterrupt:
+        return session.run()
+    finally:
         session.close()
-        print(f"interrupted; the last finished epoch is in {session.run_dir.last}: continue with "
-              f"--out {session.run_dir.path} --resume", file=sys.stderr)
-        return 130
-    return 0

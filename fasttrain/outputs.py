@@ -6,6 +6,7 @@ fsynced and renamed, so a crash or a full disk leaves the previous version intac
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -42,6 +43,16 @@ def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> 
         os.close(dir_fd)
 
 
+@contextlib.contextmanager
+def _writing(what: str, where: Path):
+    """A full disk or a vanished folder: one line for the user, the earlier version kept."""
+    try:
+        yield
+    except OSError as exc:
+        raise UserError(f"cannot write {what} in {where} ({exc.strerror or exc}); the previous {what} is intact") \
+            from None
+
+
 class RunDir:
     def __init__(self, path: Path):
         self.path = path
@@ -73,26 +84,25 @@ class RunDir:
     def keep_metrics_through(self, epoch: int) -> list[dict]:
         """On resume: drop rows of epochs after the checkpoint, so each epoch appears once."""
         rows = [row for row in self.read_metrics() if row["epoch"] <= epoch]
-        atomic_write(self.metrics, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows)), "w")
+        with _writing("metrics.jsonl", self.path):
+            atomic_write(self.metrics, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows)), "w")
         return rows
 
     def append_metrics(self, row: dict) -> None:
-        with open(self.metrics, "a") as f:
+        with _writing("metrics.jsonl", self.path), open(self.metrics, "a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
     def write_summary(self, summary: dict) -> None:
-        atomic_write(self.summary, lambda f: json.dump(summary, f, indent=2), "w")
+        with _writing("summary.json", self.path):
+            atomic_write(self.summary, lambda f: json.dump(summary, f, indent=2), "w")
 
     def save_checkpoint(self, state: dict, best: bool) -> None:
-        try:
+        with _writing("checkpoint", self.path):
             atomic_write(self.last, lambda f: torch.save(state, f))
             if best:
                 self._link_best()
-        except OSError as exc:
-            raise UserError(f"cannot write checkpoint in {self.path} ({exc.strerror}); "
-                            f"the previous checkpoint is intact") from None
 
     def _link_best(self) -> None:
         """best.pt becomes a second name of the last.pt just written: atomic, and no second write."""
@@ -125,7 +135,8 @@ class RunDir:
             ax.grid(alpha=0.3)
             ax.xaxis.get_major_locator().set_params(integer=True)
         fig.suptitle(title)
-        fig.savefig(self.curves, dpi=120)
+        with _writing("curves.png", self.path):
+            atomic_write(self.curves, lambda f: fig.savefig(f, dpi=120, format="png"))
         plt.close(fig)
 
 

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.metadata
 import platform
 import random
+import shlex
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -17,12 +21,16 @@ from torch import nn
 from fasttrain import device as dev
 from fasttrain.data import build_loaders, cap, open_dataset, synthetic_dataset
 from fasttrain.data.synthetic import SYNTHETIC_SIZES
-from fasttrain.errors import UserError
+from fasttrain.data.check import check_files
+from fasttrain.errors import RunError, UserError
 from fasttrain.models import DEFAULT_CLASSES, build_model, trainable_parameters
 from fasttrain.outputs import RunDir, load_checkpoint
 from fasttrain.progress import make_reporter
 from fasttrain.recipes import Recipe, override, recipe_from_dict
-from fasttrain.train import EpochRecord, fit, make_optimizer, make_scheduler
+from fasttrain.train import EpochRecord, Interrupted, NonFiniteLoss, fit, make_optimizer, make_scheduler
+
+
+SHOW_SKIPPED = 5  # damaged files named on screen; all of them go to skipped.txt
 
 
 def _rng_state() -> dict:
@@ -67,9 +75,11 @@ def _tuple_state(obj):
 
 
 class TrainingSession:
-    def __init__(self, args: argparse.Namespace, recipe: Recipe, overrides: dict, command: str):
-        self.args, self.command, self.versions = args, command, versions()
-        self.overrides, self.notes = overrides, []
+    def __init__(self, args: argparse.Namespace, recipe: Recipe, overrides: dict, argv: list[str]):
+        self.args, self.argv, self.versions = args, list(argv), versions()
+        self.command = shlex.join(["python", "-m", "fasttrain", *argv])
+        self.overrides, self.notes, self.skipped = overrides, [], []
+        self.reporter, self.stop_signal = None, None
         self.run_dir = RunDir(args.out or Path("runs") / f"{args.command}-{time.strftime('%Y%m%d-%H%M%S')}")
         self.run_dir.prepare(resume=args.resume)
         self.checkpoint = load_checkpoint(self.run_dir.last) if args.resume else None
@@ -82,7 +92,6 @@ class TrainingSession:
         self.compile = recipe.compile if recipe.compile is not None else self.device.type == "cuda"
         self.precision = dev.choose_precision(self.device, self.amp)
         seed_everything(args.seed)
-        self.reporter = None
 
     # ---- setup ---------------------------------------------------------------------------
 
@@ -97,10 +106,35 @@ class TrainingSession:
             if args.num_classes is not None and args.num_classes != data.num_classes:
                 raise UserError(f"--num-classes {args.num_classes}: the data set has {data.num_classes} classes")
         data = cap(data, args.train_limit, args.val_limit)
+        bad = check_files(data)
+        if bad and args.strict:
+            more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+            raise UserError(f"--strict: {bad[0][0]} is {bad[0][1]}{more}; fix or remove the damaged files, "
+                            f"or drop --strict to skip them")
+        for path, reason in bad:
+            self._skip(path, reason)
+        if not len(data.train) or not len(data.val):
+            raise UserError(f"{data.root}: no readable images left in {'train' if not len(data.train) else 'val'}")
         if self.checkpoint is not None and list(self.checkpoint["classes"]) != list(data.classes):
             raise UserError(f"{self.run_dir.last}: trained on {len(self.checkpoint['classes'])} classes that differ "
                             f"from the data's {data.num_classes}; resume with the same data set")
         return data
+
+    def _skip(self, path: Path, reason: str) -> None:
+        """A damaged file left out: on screen for the first few, every one in skipped.txt."""
+        self.skipped.append(path)
+        with open(self.run_dir.path / "skipped.txt", "a") as f:
+            f.write(f"{path}\t{reason}\n")
+        if len(self.skipped) <= SHOW_SKIPPED:
+            self._say(f"skipped {path}: {reason}")
+        elif len(self.skipped) == SHOW_SKIPPED + 1:
+            self._say(f"skipping more damaged files: all in {self.run_dir.path / 'skipped.txt'}")
+
+    def _say(self, text: str) -> None:
+        if self.reporter is not None:
+            self.reporter.print(f"note: {text}")
+        else:
+            print(f"note: {text}", flush=True)
 
     def _fit_batch_to_data(self) -> None:
         """A recipe's default batch larger than a small (capped) data set shrinks to fit, lr scaled alike.
@@ -132,21 +166,25 @@ class TrainingSession:
         from fasttrain.data.torch_loader import default_workers
 
         self.workers = recipe.workers if recipe.workers is not None else default_workers()
-        self.loaders = build_loaders(self.data, recipe, device, self.workers, self.args.seed)
+        ck = self.checkpoint
+        start_epoch = ck["epoch"] + 1 if ck else 1
+        start_step = ck.get("step", 0) if ck else 0
+        self.loaders = build_loaders(self.data, recipe, device, self.workers, self.args.seed, start_epoch, start_step)
+        for loader in (self.loaders.train, self.loaders.val):
+            if hasattr(loader, "on_skip"):
+                loader.on_skip.append(self._skip)
         self.model = self._model(self.data.num_classes)
         optimizer = make_optimizer(trainable_parameters(self.model), recipe)
         steps = len(self.loaders.train)
         scheduler = make_scheduler(optimizer, recipe, steps)
         scaler = self.precision.grad_scaler()
-        self.rows, self.best_acc, start_epoch, self.compile_s = [], -1.0, 1, 0.0
-        if self.checkpoint is not None:
-            ck = self.checkpoint
+        self.rows, self.best_acc, self.compile_s = [], -1.0, 0.0
+        if ck is not None:
             self.model.load_state_dict(ck["model"])
             optimizer.load_state_dict(ck["optimizer"])
             scheduler.load_state_dict(ck["scheduler"])
             scaler.load_state_dict(ck["scaler"])
             _set_rng_state(ck["rng"])
-            start_epoch = ck["epoch"] + 1
             self.best_acc = ck["best_val_acc"]
             self.compile_s = ck.get("compile_time_s", 0.0)
             self.rows = self.run_dir.keep_metrics_through(ck["epoch"])
@@ -155,20 +193,72 @@ class TrainingSession:
         compiled = dev.maybe_compile(self.model, self.compile)
 
         self.reporter = make_reporter()
-        self._announce(start_epoch)
+        self._announce(start_epoch, start_step)
         self.started = time.perf_counter()
-        self.prior_time_s = self.checkpoint.get("total_time_s", 0.0) if self.checkpoint else 0.0
+        self.prior_time_s = ck.get("total_time_s", 0.0) if ck else 0.0
         self.status = "running"
-        fit(compiled, self.loaders.train, self.loaders.val, optimizer, scheduler, scaler, loss_fn, self.precision,
-            device, recipe.epochs, start_epoch, compiled=self.compile,
-            observer_for=lambda epoch: self.reporter.start_epoch(epoch, recipe.epochs, steps),
-            on_epoch_end=self._epoch_end)
+        # fp16's GradScaler skips overflowing steps itself: only a long streak means divergence
+        patience = 25 if self.precision.name == "fp16" else 1
+        with self._signals():
+            try:
+                fit(compiled, self.loaders.train, self.loaders.val, optimizer, scheduler, scaler, loss_fn,
+                    self.precision, device, recipe.epochs, start_epoch, start_step, compiled=self.compile,
+                    observer_for=lambda epoch: self.reporter.start_epoch(epoch, recipe.epochs, steps),
+                    on_epoch_end=self._epoch_end, should_stop=lambda: self.stop_signal is not None,
+                    nonfinite_patience=patience)
+            except Interrupted as stop:
+                return self._stopped(stop.epoch, stop.steps)
+            except NonFiniteLoss as bad:
+                self.status = "diverged"
+                self._write_summary()
+                self.close()
+                last = f"the last good checkpoint is {self.run_dir.last}" if self.run_dir.last.exists() else \
+                    "no checkpoint was written yet"
+                raise RunError(f"the training loss became NaN or infinite at epoch {bad.epoch}, step {bad.step}; "
+                               f"{last}; lower --lr or use a wider precision (--no-amp)") from None
+        if self.stop_signal is not None:  # asked to stop during evaluation: the epoch is saved
+            return self._stopped(self.rows[-1]["epoch"] + 1 if self.rows else start_epoch, 0)
         self.status = "finished"
         self._write_summary()
         self.close()
         self._farewell()
+        return 0
 
-    def _announce(self, start_epoch: int) -> None:
+    def resume_command(self) -> str:
+        """This run's own command line, pointed at its folder, with --resume."""
+        argv = [a for a in self.argv if a != "--resume"]
+        if "--out" not in argv and not any(a.startswith("--out=") for a in argv):
+            argv += ["--out", str(self.run_dir.path)]
+        return shlex.join(["python", "-m", "fasttrain", *argv, "--resume"])
+
+    @contextlib.contextmanager
+    def _signals(self):
+        """SIGINT/SIGTERM: finish the step, save, exit 130/143. A second one stops at once."""
+        def handler(signum, frame):
+            if self.stop_signal is not None:
+                raise KeyboardInterrupt
+            self.stop_signal = signum
+            print("\nstopping after this step and saving last.pt (press Ctrl-C again to stop at once)",
+                  file=sys.stderr, flush=True)
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def _stopped(self, epoch: int, steps: int) -> int:
+        """Save the state after the last whole step of `epoch` and say how to resume."""
+        self.run_dir.save_checkpoint(self._checkpoint_state(epoch - 1, steps), best=False)
+        self.status = "interrupted"
+        self._write_summary()
+        self.close()
+        where = f"epoch {epoch}, step {steps}" if steps else f"the end of epoch {epoch - 1}"
+        print(f"stopped at {where}; saved {self.run_dir.last}. Resume with: {self.resume_command()}", file=sys.stderr)
+        return 128 + self.stop_signal
+
+    def _announce(self, start_epoch: int, start_step: int) -> None:
         r, p = self.recipe, self.reporter
         p.print(f"fasttrain {self.args.command}, recipe {r.name}: {self.data.describe()}")
         p.print(f"device {dev.device_name(self.device)}, {self.precision.name}, "
@@ -176,8 +266,8 @@ class TrainingSession:
                 f"loader {self.loaders.backend}, batch {r.batch_size}, lr {r.lr:g}, {r.epochs} epochs")
         for note in self.notes + self.loaders.notes:
             p.print(f"note: {note}")
-        if start_epoch > 1:
-            p.print(f"resuming {self.run_dir.path} at epoch {start_epoch}")
+        if start_epoch > 1 or start_step:
+            p.print(f"resuming {self.run_dir.path} at epoch {start_epoch}" + (f", step {start_step}" if start_step else ""))
         p.print(f"run folder: {self.run_dir.path}")
 
     def _epoch_end(self, record: EpochRecord) -> None:
@@ -187,6 +277,8 @@ class TrainingSession:
                "val_acc": v.acc, "val_top5": v.top5, "images_per_sec": t.images_per_sec,
                "data_wait_fraction": t.data_wait_fraction, "epoch_time_s": t.seconds, "train_images": t.images,
                "compile_time_s": t.compile_s + v.compile_s, "lr": record.lr}
+        if t.start_step:
+            row["resumed_at_step"] = t.start_step  # train_loss/acc cover the steps after the resume
         if not np.isfinite(t.loss):
             raise UserError(f"epoch {record.epoch}: training loss is {t.loss}; lower --lr or use --no-amp "
                             f"(last good checkpoint: {self.run_dir.last})")
@@ -195,16 +287,17 @@ class TrainingSession:
         self.reporter.end_epoch(row)
         best = v.acc > self.best_acc
         self.best_acc = max(self.best_acc, v.acc)
-        self.run_dir.save_checkpoint(self._checkpoint_state(record.epoch), best=best)
+        self.run_dir.save_checkpoint(self._checkpoint_state(record.epoch, 0), best=best)
         self.run_dir.plot_curves(self.rows, f"{self.args.command}, recipe {self.recipe.name}, "
                                             f"{dev.device_name(self.device)}", self.recipe.label_smoothing)
         self._write_summary()
 
-    def _checkpoint_state(self, epoch: int) -> dict:
+    def _checkpoint_state(self, epoch: int, step: int) -> dict:
+        """Everything to continue exactly: `epoch` epochs finished, then `step` steps of the next."""
         rng = _rng_state()
         rng["python"] = _tuple_state(rng["python"])
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": epoch,
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": epoch, "step": step,
                 "rng": rng, "recipe": dataclasses.asdict(self.recipe), "model_name": self.args.command,
                 "classes": list(self.data.classes), "mean": list(self.loaders.mean), "std": list(self.loaders.std),
                 "best_val_acc": self.best_acc, "compile_time_s": self.compile_s,
@@ -233,7 +326,22 @@ class TrainingSession:
             "mean_images_per_sec": images / seconds if seconds else None,
             "mean_data_wait_fraction": (sum(r["data_wait_fraction"] * r["epoch_time_s"] for r in rows) / seconds
                                         if seconds else None),
+            "skipped_files": len(self.skipped), "seed": self.args.seed,
+            "determinism": self._determinism(),
         })
+
+    def _determinism(self) -> dict:
+        """What a rerun with the same --seed reproduces, and what it does not."""
+        same = ["model initialisation", "data order of every epoch", "DALI augmentation (seeded pipelines)",
+                "DataLoader worker seeds"]
+        if self.device.type == "cpu":
+            return {"repeatable": True, "same_for_same_seed": same + ["losses, on the same machine and thread count"]}
+        return {"repeatable": False, "same_for_same_seed": same,
+                "not_bitwise": ["cuDNN autotuning (benchmark=True) picks kernels per run",
+                                "atomic adds in convolution and index backward passes",
+                                "torch.compile's generated kernels"],
+                "cudnn_benchmark": torch.backends.cudnn.benchmark,
+                "deterministic_algorithms": torch.are_deterministic_algorithms_enabled()}
 
     def _farewell(self) -> None:
         last = self.rows[-1] if self.rows else None

@@ -34,6 +34,9 @@ class EpochStats:
     seconds: float         # timed steps, device-synchronised at both ends
     data_wait_s: float     # host time spent waiting for the next batch
     compile_s: float = 0.0  # first (compiling) step, excluded from the timings above
+    steps: int = 0          # optimizer steps of this epoch done by the end (counting from 0)
+    start_step: int = 0     # where this pass began: > 0 when a run resumed mid-epoch
+    interrupted: bool = False  # stopped early on request: the epoch is not finished
 
     @property
     def images_per_sec(self) -> float:
@@ -65,22 +68,44 @@ def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, steps_per_e
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, recipe, steps_per_epoch))
 
 
+class NonFiniteLoss(Exception):
+    """The training loss stayed NaN or infinite: the run cannot go on from these weights."""
+
+    def __init__(self, epoch: int, step: int):
+        super().__init__(f"epoch {epoch}, step {step}")
+        self.epoch, self.step = epoch, step
+
+
 def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, scheduler,
                     scaler: torch.amp.GradScaler, loss_fn: Callable, precision: Precision,
                     device: torch.device, observer: StepObserver | None = None, log_every: int = 20,
-                    first_step_compiles: bool = False) -> EpochStats:
+                    first_step_compiles: bool = False, epoch: int = 0, start_step: int = 0,
+                    should_stop: Callable[[], bool] = lambda: False, nonfinite_patience: int = 1) -> EpochStats:
+    """One pass over the loader (from `start_step` when resuming).
+
+    Stops early, after a whole step, when should_stop() says so (stats.interrupted). Raises
+    NonFiniteLoss when `nonfinite_patience` steps in a row had a NaN or infinite loss; with fp16
+    the GradScaler skips such steps itself, so only a persistent streak stops the run. Both are
+    read from the device at log intervals only.
+    """
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
-    seen, timed_images, wait, compile_s = 0, 0, 0.0, 0.0
-    steps = len(loader)
+    bad_streak = torch.zeros((), device=device, dtype=torch.long)
+    worst_streak = torch.zeros((), device=device, dtype=torch.long)
+    first_bad = torch.full((), -1, device=device, dtype=torch.long)
+    seen, timed_images, wait, compile_s, interrupted = 0, 0, 0.0, 0.0, False
+    step = start_step
     batches = iter(loader)
     synchronize(device)
     start = time.perf_counter()
-    for step in range(steps):
-        compiling = first_step_compiles and step == 0
+    while True:
+        compiling = first_step_compiles and step == start_step
         t = time.perf_counter()
-        images, labels = next(batches)
+        try:
+            images, labels = next(batches)
+        except StopIteration:
+            break
         if not compiling:
             wait += time.perf_counter() - t
         with precision.autocast():
@@ -92,25 +117,38 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
         scaler.update()
         scheduler.step()
         n = labels.shape[0]
-        loss_sum += loss.detach().float() * n
+        finite = torch.isfinite(loss.detach())
+        bad_streak = torch.where(finite, 0, bad_streak + 1)
+        worst_streak = torch.maximum(worst_streak, bad_streak)
+        first_bad = torch.where((first_bad < 0) & ~finite, step + 1, first_bad)
+        loss_sum += torch.where(finite, loss.detach().float(), 0) * n
         correct += (logits.detach().argmax(1) == labels).sum()
         seen += n
+        step += 1
         if compiling:
             synchronize(device)
             compile_s = time.perf_counter() - start
             start = time.perf_counter()
         else:
             timed_images += n
-        if observer is not None:
-            if (step + 1) % log_every == 0 or step + 1 == steps:
+        stop = should_stop()
+        if step % log_every == 0 or stop:
+            if worst_streak.item() >= nonfinite_patience:
+                raise NonFiniteLoss(epoch, int(first_bad.item()))
+            if observer is not None:
                 elapsed = time.perf_counter() - start
-                observer.step(step + 1, (loss_sum / seen).item(), timed_images / elapsed if elapsed > 0 else None)
-            else:
-                observer.step(step + 1)
+                observer.step(step, (loss_sum / seen).item(), timed_images / elapsed if elapsed > 0 else None)
+        elif observer is not None:
+            observer.step(step)
+        if stop:
+            interrupted = True
+            break
     synchronize(device)
     seconds = time.perf_counter() - start
+    if worst_streak.item() >= nonfinite_patience:
+        raise NonFiniteLoss(epoch, int(first_bad.item()))
     return EpochStats((loss_sum / max(seen, 1)).item(), correct.item() / max(seen, 1), timed_images, seconds,
-                      wait, compile_s)
+                      wait, compile_s, steps=step, start_step=start_step, interrupted=interrupted)
 
 
 @dataclass
@@ -165,18 +203,34 @@ class EpochRecord:
     lr: float
 
 
+class Interrupted(Exception):
+    """A stop was requested; the epoch in progress reached `steps` steps."""
+
+    def __init__(self, epoch: int, steps: int):
+        super().__init__(f"epoch {epoch}, step {steps}")
+        self.epoch, self.steps = epoch, steps
+
+
 def fit(model: nn.Module, train_loader, val_loader, optimizer, scheduler, scaler, loss_fn, precision: Precision,
-        device: torch.device, epochs: int, start_epoch: int = 1, compiled: bool = False,
+        device: torch.device, epochs: int, start_epoch: int = 1, start_step: int = 0, compiled: bool = False,
         observer_for: Callable[[int], StepObserver | None] = lambda epoch: None,
-        on_epoch_end: Callable[[EpochRecord], None] = lambda record: None) -> list[EpochRecord]:
-    """Train from `start_epoch` to `epochs` (1-based, inclusive); returns one record per epoch run."""
+        on_epoch_end: Callable[[EpochRecord], None] = lambda record: None,
+        should_stop: Callable[[], bool] = lambda: False, nonfinite_patience: int = 1) -> list[EpochRecord]:
+    """Train from `start_epoch` (at `start_step`) to `epochs` (1-based, inclusive); one record per epoch.
+
+    Raises Interrupted when should_stop() turns true inside an epoch, after a whole step.
+    """
     records = []
     eval_batch = getattr(val_loader, "batch_size", None) or 1
     for epoch in range(start_epoch, epochs + 1):
         first = compiled and epoch == start_epoch
         lr = optimizer.param_groups[0]["lr"]
         train = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, loss_fn, precision, device,
-                                observer_for(epoch), first_step_compiles=first)
+                                observer_for(epoch), first_step_compiles=first, epoch=epoch,
+                                start_step=start_step if epoch == start_epoch else 0, should_stop=should_stop,
+                                nonfinite_patience=nonfinite_patience)
+        if train.interrupted:
+            raise Interrupted(epoch, train.steps)
         val = evaluate(model, val_loader, precision, device, eval_batch, first_batch_compiles=first)
         record = EpochRecord(epoch, train, val, lr)
         records.append(record)

@@ -30,7 +30,7 @@ class Loaders:
 
 
 def _torch_backend(data: DataSet, recipe: Recipe, device: torch.device, workers: int, seed: int,
-                   mean, std) -> tuple[Iterable, Iterable, str, list[str]]:
+                   mean, std, start_epoch: int = 1, start_step: int = 0) -> tuple[Iterable, Iterable, str, list[str]]:
     from fasttrain.data.torch_loader import torch_loader
     from fasttrain.data.transforms import eval_transform, train_transform
 
@@ -38,18 +38,21 @@ def _torch_backend(data: DataSet, recipe: Recipe, device: torch.device, workers:
     common = dict(batch_size=recipe.batch_size, device=device, workers=workers,
                   channels_last=recipe.channels_last, seed=seed)
     notes = [] if recipe.cache != "gpu" else ["--cache gpu applies to the DALI loader only; not used"]
-    return (torch_loader(data.train, train_transform(recipe, mean, std, files), train=True, **common),
+    return (torch_loader(data.train, train_transform(recipe, mean, std, files), train=True, start_epoch=start_epoch,
+                         start_step=start_step, **common),
             torch_loader(data.val, eval_transform(recipe, mean, std, files), train=False, **common), "torch", notes)
 
 
 def _dali_backend(data: DataSet, recipe: Recipe, device: torch.device, workers: int, seed: int,
-                  mean, std) -> tuple[Iterable, Iterable, str, list[str]]:
+                  mean, std, start_epoch: int = 1, start_step: int = 0) -> tuple[Iterable, Iterable, str, list[str]]:
     from fasttrain.data.dali_loader import dali_loaders
 
-    return dali_loaders(data, recipe, device, workers, seed, mean, std)
+    return dali_loaders(data, recipe, device, workers, seed, mean, std, start_epoch=start_epoch,
+                        start_step=start_step)
 
 
-# name -> factory(data, recipe, device, workers, seed, mean, std) -> (train, val, variant, notes)
+# name -> factory(data, recipe, device, workers, seed, mean, std, start_epoch, start_step)
+#         -> (train, val, variant, notes)
 BACKENDS: dict[str, Callable] = {"torch": _torch_backend, "dali": _dali_backend}
 
 
@@ -64,7 +67,9 @@ def backend_names() -> list[str]:
     return ["auto", *BACKENDS]
 
 
-def build_loaders(data: DataSet, recipe: Recipe, device: torch.device, workers: int, seed: int) -> Loaders:
+def build_loaders(data: DataSet, recipe: Recipe, device: torch.device, workers: int, seed: int,
+                  start_epoch: int = 1, start_step: int = 0) -> Loaders:
+    """Training and evaluation loaders; training starts at (start_epoch, start_step) of the data order."""
     if len(data.train) < recipe.batch_size:
         raise UserError(f"{len(data.train)} training images make no full batch of {recipe.batch_size}; "
                         f"lower --batch-size or raise --train-limit")
@@ -76,7 +81,8 @@ def build_loaders(data: DataSet, recipe: Recipe, device: torch.device, workers: 
 
     name = default_backend() if recipe.loader == "auto" else recipe.loader
     mean, std = normalisation(recipe, data)
-    train, val, variant, notes = BACKENDS[name](data, recipe, device, workers, seed, mean, std)
+    train, val, variant, notes = BACKENDS[name](data, recipe, device, workers, seed, mean, std, start_epoch,
+                                                start_step)
     return Loaders(train, val, variant, mean, std, notes)
 
 

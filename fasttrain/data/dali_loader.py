@@ -11,27 +11,31 @@ The augmentation matches the torch baseline (fasttrain/data/transforms.py):
 - ResNet, training: random crop of area 0.08-1 and aspect 3/4-4/3, fused into decoding (ROI
   decode), resized to 224, flip, normalise; evaluation: shorter side 256, centre 224, normalise.
 
-Sources: raw uint8 arrays (CIFAR) come through an external source that shuffles with its own
-seeded generator every epoch; image files come through DALI's file reader. Decoded data sets can
-also be kept on the training device (`decode_to_device`) and served through the same operators.
+Every pipeline is fed by one external source that visits samples in the order of
+fasttrain/data/order.py (a permutation seeded by seed and epoch, so a resumed run sees the same
+next epoch): raw uint8 arrays (CIFAR), or encoded file paths that DALI's own threads read
+(fn.io.file.read) and decode. Decoded data sets can also be kept on the training device
+(`decode_to_device`) and served through the same operators.
 """
 
 from __future__ import annotations
 
+import collections
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from fasttrain.data.datasets import ArraySplit, FileSplit
+from fasttrain.data.order import EpochOrder
 from fasttrain.errors import UserError
 from fasttrain.recipes import Recipe
 
 DALI_PACKAGE = "nvidia-dali-cuda130"
 CACHE_SHARE = 0.25  # --cache auto keeps a data set on the GPU when it takes at most this share of free memory
-READER = "Reader"
 
 
 def import_dali():
@@ -133,80 +137,72 @@ def cache_size(recipe: Recipe) -> int:
 # ---- sources ----------------------------------------------------------------------------------
 
 
-class ArraySource:
-    """Batches of uint8 HWC images and int64 labels for DALI's external source.
+class BatchSource:
+    """DALI external source: batches of (data, labels) in the order EpochOrder gives.
 
-    Images are a host numpy array or, for the device cache, a CUDA tensor of the same shape.
-    Training draws a new permutation every epoch from its own seeded generator and drops the
-    partial last batch; evaluation keeps data-set order and every sample. With shards, each shard
-    takes an equal, disjoint part of every epoch's order.
+    DALI calls iter() once per epoch (and again after each reset), so every call starts the next
+    epoch. `fetch(index)` turns sample indices into the batch's data: raw uint8 HWC arrays (CIFAR),
+    a gather from a device-resident tensor (the cache), or encoded file paths for fn.io.file.read.
+    The last few index batches handed out are kept, to find the culprit when decoding fails.
     """
 
-    def __init__(self, images, labels: np.ndarray, batch_size: int, train: bool, seed: int,
-                 shard_id: int = 0, num_shards: int = 1):
-        self.images, self.batch_size, self.train = images, batch_size, train
-        self.on_device = isinstance(images, torch.Tensor) and images.is_cuda
-        self.labels = np.asarray(labels, dtype=np.int64)
-        self.device_labels = torch.as_tensor(self.labels, device=images.device) if self.on_device else None
-        self.rng = np.random.default_rng(seed)
-        self.shard_id, self.num_shards = shard_id, num_shards
-        # batches are gathered on a side stream and waited for there alone: DALI then copies a
-        # finished buffer, and the training kernels queued on the default stream are never waited on
-        self.stream = torch.cuda.Stream(images.device) if self.on_device else None
+    def __init__(self, order: EpochOrder, fetch: Callable[[np.ndarray], tuple], on_device: bool = False):
+        self.order, self.fetch, self.on_device = order, fetch, on_device
+        self.inflight: collections.deque = collections.deque(maxlen=8)
 
     def __len__(self) -> int:
-        n, b = len(self.labels), self.batch_size
-        return n // self.num_shards // b if self.train else math.ceil(math.ceil(n / self.num_shards) / b)
-
-    def _order(self) -> np.ndarray:
-        n = len(self.labels)
-        if self.train:
-            per = n // self.num_shards
-            return self.rng.permutation(n)[self.shard_id * per:(self.shard_id + 1) * per]
-        return np.array_split(np.arange(n), self.num_shards)[self.shard_id]
+        return self.order.steps()
 
     def __iter__(self):
-        self.order, self.position = self._order(), 0
+        self.indices, self.position = self.order.next_epoch(), 0
         return self
 
     def __next__(self):
-        stop = self.position + self.batch_size
-        if self.position >= len(self.order) or (self.train and stop > len(self.order)):
+        if self.position >= len(self.indices):
             raise StopIteration
-        index = self.order[self.position:stop]
-        self.position = stop
-        if self.on_device:
-            with torch.cuda.stream(self.stream):
-                picked = torch.as_tensor(index, device=self.images.device)
-                images, labels = self.images[picked], self.device_labels[picked][:, None]
-            self.stream.synchronize()
-            return images, labels
-        return self.images[index], self.labels[index, None]
+        index = self.indices[self.position:self.position + self.order.batch_size]
+        self.position += len(index)
+        self.inflight.append(index)
+        return self.fetch(index)
 
 
-def _external(fn, source: ArraySource, placement: Placement):
-    device = "gpu" if source.on_device else "cpu"
-    images, labels = fn.external_source(source=source, num_outputs=2, layout=["HWC", ""], cycle="raise",
-                                        device=device)
-    if placement.on_gpu and not source.on_device:
-        images, labels = images.gpu(), labels.gpu()
-    return images, labels
+def host_arrays(images: np.ndarray, labels: np.ndarray):
+    return lambda index: (images[index], labels[index, None])
 
 
-def _reader(fn, split: FileSplit, train: bool, seed: int, shard_id: int, num_shards: int):
-    """DALI's file reader over the split's file list and labels (no files copied or linked).
+def device_arrays(images: torch.Tensor, labels: np.ndarray):
+    """Gather batches from a device-resident uint8 tensor.
 
-    Training: the list is passed in a seeded random order and the reader's shuffle buffer holds the
-    whole shard, so every epoch is freshly shuffled. Evaluation: data-set order, the last batch
-    padded by the reader and the padding dropped by the iterator.
+    The gather runs on a side stream and is waited for there alone: DALI then copies a finished
+    buffer, and the training kernels queued on the default stream are never waited on.
     """
-    files, labels = [str(f) for f in split.files], split.labels.tolist()
-    if train:
-        order = np.random.default_rng(seed).permutation(len(files))
-        files, labels = [files[i] for i in order], [labels[i] for i in order]
-    return fn.readers.file(files=files, labels=labels, random_shuffle=train,
-                           initial_fill=max(1, min(len(files) // num_shards, 4096)), shard_id=shard_id,
-                           num_shards=num_shards, pad_last_batch=not train, name=READER, seed=seed)
+    device_labels = torch.as_tensor(labels, device=images.device)
+    stream = torch.cuda.Stream(images.device)
+
+    def fetch(index):
+        with torch.cuda.stream(stream):
+            picked = torch.as_tensor(index, device=images.device)
+            batch, batch_labels = images[picked], device_labels[picked][:, None]
+        stream.synchronize()
+        return batch, batch_labels
+    return fetch
+
+
+def file_paths(files: list[Path], labels: np.ndarray):
+    """Encoded paths for fn.io.file.read: DALI's threads read the files, in our order."""
+    encoded = [np.frombuffer(str(f).encode(), dtype=np.uint8) for f in files]
+    return lambda index: ([encoded[i] for i in index], labels[index, None])
+
+
+def _external(fn, source: BatchSource, placement: Placement, layout: str):
+    device = "gpu" if source.on_device else "cpu"
+    data, labels = fn.external_source(source=source, num_outputs=2, layout=[layout, ""], cycle="raise",
+                                      device=device)
+    if placement.on_gpu and not source.on_device:
+        labels = labels.gpu()
+        if layout == "HWC":
+            data = data.gpu()
+    return data, labels
 
 
 def _decode(fn, types, jpegs, recipe: Recipe, train: bool, placement: Placement):
@@ -224,48 +220,70 @@ def _decode(fn, types, jpegs, recipe: Recipe, train: bool, placement: Placement)
 
 
 class DaliLoader:
-    """Loader contract over a DALI pipeline: (images, labels) on the device, channels_last when asked."""
+    """Loader contract over a DALI pipeline: (images, labels) on the device, channels_last when asked.
 
-    def __init__(self, pipeline, steps: int, batch_size: int, channels_last: bool, train: bool,
-                 reader: bool, files: list[Path] | None = None, raw: bool = False):
+    `build(source)` makes a built pipeline around a BatchSource. When a file that passed the
+    header check fails to decode, the loader names it, excludes it from every later epoch,
+    rebuilds the pipeline and carries on from the same step; `on_skip(path, reason)` is told.
+    """
+
+    def __init__(self, build: Callable, source: BatchSource, channels_last: bool, train: bool,
+                 files: list[Path] | None = None, raw: bool = False):
+        self.build, self.source, self.channels_last, self.train = build, source, channels_last, train
+        self.files, self.raw = files, raw
+        self.batch_size = source.order.batch_size
+        self.on_skip: list[Callable[[Path, str], None]] = []
+        self.iterator = self._iterator()
+
+    def _iterator(self):
         _, _, _, dali_torch = import_dali()
-        policy = dali_torch.LastBatchPolicy.DROP if train else dali_torch.LastBatchPolicy.PARTIAL
-        self.pipeline, self.steps, self.batch_size = pipeline, steps, batch_size
-        self.channels_last, self.files, self.raw = channels_last, files, raw
-        try:
-            self.iterator = dali_torch.DALIGenericIterator(
-                pipeline, ["images", "labels"], reader_name=READER if reader else None, last_batch_policy=policy,
-                auto_reset=True, prepare_first_batch=False)
-        except RuntimeError as exc:
-            raise self._explain(exc) from None
+        pipe = self.build(self.source)
+        policy = dali_torch.LastBatchPolicy.DROP if self.train else dali_torch.LastBatchPolicy.PARTIAL
+        return dali_torch.DALIGenericIterator(pipe, ["images", "labels"], last_batch_policy=policy, auto_reset=True,
+                                              prepare_first_batch=False)
 
     def __len__(self) -> int:
-        return self.steps
+        return self.source.order.steps()
 
     def __iter__(self):
-        try:
-            for (batch,) in self.iterator:
-                if self.raw:
-                    yield batch["images"], batch["labels"].view(-1).long()
-                    continue
-                images = batch["images"].permute(0, 3, 1, 2)  # HWC storage = channels_last NCHW, no copy
-                if not self.channels_last:
-                    images = images.contiguous()
-                yield images, batch["labels"].view(-1).long()
-        except RuntimeError as exc:
-            raise self._explain(exc) from None
+        delivered = 0
+        while True:
+            try:
+                for (batch,) in self.iterator:
+                    delivered += 1
+                    yield self._convert(batch)
+                return
+            except (RuntimeError, StopIteration) as exc:
+                if isinstance(exc, StopIteration):
+                    return
+                self._recover(exc, delivered)
 
-    def _explain(self, exc: RuntimeError) -> UserError:
-        """Turn DALI's decoder errors into a message that names the file."""
+    def _convert(self, batch):
+        labels = batch["labels"].view(-1).long()
+        if self.raw:
+            return batch["images"], labels
+        images = batch["images"].permute(0, 3, 1, 2)  # HWC storage = channels_last NCHW, no copy
+        return (images if self.channels_last else images.contiguous()), labels
+
+    def _recover(self, exc: RuntimeError, delivered: int) -> None:
+        """Find the undecodable file among the batches in flight, exclude it, rebuild, go on."""
         text = str(exc)
+        first_line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
         if self.files is None or "decod" not in text.lower():
-            return UserError(f"DALI pipeline failed: {text.splitlines()[0] if text else type(exc).__name__}")
-        bad = find_undecodable(self.files)
-        if bad:
-            more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
-            return UserError(f"cannot decode {bad[0]}{more}; remove or replace the file, or train with "
-                             f"--loader torch")
-        return UserError(f"DALI could not decode an image ({text.splitlines()[0]}); try --loader torch")
+            raise UserError(f"DALI pipeline failed: {first_line}") from None
+        suspects = [int(i) for batch in self.source.inflight for i in batch]
+        bad = [i for i in dict.fromkeys(suspects) if find_undecodable([self.files[i]])]
+        if not bad:
+            raise UserError(f"DALI could not decode an image ({first_line}); try --loader torch") from None
+        order = self.source.order
+        for i in bad:
+            order.excluded.add(i)
+            for callback in self.on_skip:
+                callback(self.files[i], "cannot be decoded")
+        order.epoch -= 1               # next_epoch() gives the same epoch again ...
+        order.start_step = delivered   # ... from the first batch not yet delivered
+        self.source.inflight.clear()
+        self.iterator = self._iterator()
 
 
 def find_undecodable(files: list[Path], limit: int = 20) -> list[Path]:
@@ -284,45 +302,41 @@ def find_undecodable(files: list[Path], limit: int = 20) -> list[Path]:
     return bad
 
 
-def build_pipeline(kind: str, data, recipe: Recipe, mean, std, train: bool, device: torch.device, threads: int,
-                   seed: int, shard_id: int = 0, num_shards: int = 1):
-    """A built DALI pipeline and its steps per epoch.
+def pipeline_builder(kind: str, recipe: Recipe, mean, std, train: bool, device: torch.device, threads: int,
+                     seed: int) -> Callable[[BatchSource], object]:
+    """A function that builds the DALI pipeline around a source.
 
-    kind: "files" (data is a FileSplit, read and decoded by DALI), "arrays" (data is an ArraySource
-    over CIFAR's raw arrays, on the host or on the device) or "cache" (an ArraySource over files
-    decoded once at the size evaluation starts from).
+    kind: "files" (the source yields encoded paths; DALI reads and decodes), "arrays" (CIFAR's raw
+    uint8 arrays, on the host or the device) or "cache" (files decoded once at the size evaluation
+    starts from, on the device).
     """
     dali, fn, types, _ = import_dali()
     placement = Placement.for_device(device)
-    batch = recipe.batch_size
 
-    @dali.pipeline_def
-    def pipeline():
-        if kind == "files":
-            jpegs, labels = _reader(fn, data, train, seed, shard_id, num_shards)
-            images = _decode(fn, types, jpegs, recipe, train, placement)
-            if recipe.model == "cnn":
-                images = _fit(fn, images, recipe.image_size)
-            stage = "cropped" if train and recipe.model == "resnet" else "native"
-            if placement.on_gpu:
-                labels = labels.gpu()
-        else:
-            images, labels = _external(fn, data, placement)
-            stage = "cache" if kind == "cache" else "native"
-        return augment(fn, types, images, recipe, mean, std, train, stage), labels
+    def build(source: BatchSource):
+        @dali.pipeline_def
+        def pipeline():
+            if kind == "files":
+                paths, labels = _external(fn, source, placement, layout="")
+                images = _decode(fn, types, fn.io.file.read(paths), recipe, train, placement)
+                if recipe.model == "cnn":
+                    images = _fit(fn, images, recipe.image_size)
+                stage = "cropped" if train and recipe.model == "resnet" else "native"
+            else:
+                images, labels = _external(fn, source, placement, layout="HWC")
+                stage = "cache" if kind == "cache" else "native"
+            return augment(fn, types, images, recipe, mean, std, train, stage), labels
 
-    if kind == "files":
-        n = len(data)
-        steps = n // num_shards // batch if train else math.ceil(math.ceil(n / num_shards) / batch)
-    else:
-        steps = len(data)
-    pipe = pipeline(batch_size=batch, num_threads=max(1, threads), device_id=placement.device_id,
-                    seed=seed + 7919 * shard_id + (0 if train else 1), prefetch_queue_depth=2)
-    try:
-        pipe.build()
-    except RuntimeError as exc:
-        raise UserError(f"DALI pipeline could not be built: {str(exc).splitlines()[0]}") from None
-    return pipe, steps
+        pipe = pipeline(batch_size=source.order.batch_size, num_threads=max(1, threads),
+                        device_id=placement.device_id, seed=seed + 7919 * source.order.shard_id + (0 if train else 1),
+                        prefetch_queue_depth=2)
+        try:
+            pipe.build()
+        except RuntimeError as exc:
+            raise UserError(f"DALI pipeline could not be built: {str(exc).splitlines()[0]}") from None
+        return pipe
+
+    return build
 
 
 def decode_to_device(split: FileSplit, recipe: Recipe, device: torch.device, threads: int) -> torch.Tensor | np.ndarray:
@@ -331,20 +345,22 @@ def decode_to_device(split: FileSplit, recipe: Recipe, device: torch.device, thr
     The square keeps the tensor dense (one index per batch); evaluation crops inside it, so eval
     batches are the same as from files; training crops see the central square of each photo.
     """
-    dali, fn, types, dali_torch = import_dali()
+    dali, fn, types, _ = import_dali()
     placement = Placement.for_device(device)
-    size, batch = cache_size(recipe), 256
+    size = cache_size(recipe)
+    source = BatchSource(EpochOrder(len(split), 256, train=False, seed=0), file_paths(split.files, split.labels))
 
-    @dali.pipeline_def
-    def pipeline():
-        jpegs, labels = _reader(fn, split, False, 0, 0, 1)
-        images = _fit(fn, _decode(fn, types, jpegs, recipe, False, placement), size)
-        return images, labels
+    def build(source):
+        @dali.pipeline_def
+        def pipeline():
+            paths, labels = _external(fn, source, placement, layout="")
+            return _fit(fn, _decode(fn, types, fn.io.file.read(paths), recipe, False, placement), size), labels
 
-    pipe = pipeline(batch_size=batch, num_threads=max(1, threads), device_id=placement.device_id, seed=0)
-    pipe.build()
-    loader = DaliLoader(pipe, math.ceil(len(split) / batch), batch, channels_last=True, train=False, reader=True,
-                        files=list(split.files), raw=True)
+        pipe = pipeline(batch_size=256, num_threads=max(1, threads), device_id=placement.device_id, seed=0)
+        pipe.build()
+        return pipe
+
+    loader = DaliLoader(build, source, channels_last=True, train=False, files=list(split.files), raw=True)
     out = torch.empty((len(split), size, size, 3), dtype=torch.uint8, device=device)
     filled = 0
     for images, _ in loader:
@@ -379,27 +395,32 @@ def choose_cache(mode: str, data, recipe: Recipe, device: torch.device) -> tuple
 
 
 def dali_loaders(data, recipe: Recipe, device: torch.device, threads: int, seed: int, mean, std,
-                 shard_id: int = 0, num_shards: int = 1) -> tuple[DaliLoader, DaliLoader, str, list[str]]:
+                 shard_id: int = 0, num_shards: int = 1, start_epoch: int = 1,
+                 start_step: int = 0) -> tuple[DaliLoader, DaliLoader, str, list[str]]:
     """Training and evaluation loaders, the variant's name and what was decided on the way."""
     import_dali()
     cache, why = choose_cache(recipe.cache, data, recipe, device)
-    common = dict(recipe=recipe, mean=mean, std=std, device=device, threads=threads, shard_id=shard_id,
-                  num_shards=num_shards)
 
     def make(split, train: bool) -> DaliLoader:
-        batch, split_seed = recipe.batch_size, seed + (0 if train else 1)
+        order = EpochOrder(len(split), recipe.batch_size, train, seed, shard_id, num_shards,
+                           start_epoch if train else 1, start_step if train else 0)
+        files = None
         if isinstance(split, ArraySplit):
-            images = torch.as_tensor(split.images, device=device) if cache and device.type == "cuda" else split.images
-            source = ArraySource(images, split.labels, batch, train, split_seed, shard_id, num_shards)
-            pipe, steps = build_pipeline("arrays", source, train=train, seed=split_seed, **common)
-            return DaliLoader(pipe, steps, batch, recipe.channels_last, train, reader=False)
-        if cache:
-            source = ArraySource(decode_to_device(split, recipe, device, threads), split.labels, batch, train,
-                                 split_seed, shard_id, num_shards)
-            pipe, steps = build_pipeline("cache", source, train=train, seed=split_seed, **common)
-            return DaliLoader(pipe, steps, batch, recipe.channels_last, train, reader=False)
-        pipe, steps = build_pipeline("files", split, train=train, seed=split_seed, **common)
-        return DaliLoader(pipe, steps, batch, recipe.channels_last, train, reader=True, files=list(split.files))
+            kind = "arrays"
+            if cache and device.type == "cuda":
+                source = BatchSource(order, device_arrays(torch.as_tensor(split.images, device=device), split.labels),
+                                     on_device=True)
+            else:
+                source = BatchSource(order, host_arrays(split.images, split.labels))
+        elif cache:
+            kind, decoded = "cache", decode_to_device(split, recipe, device, threads)
+            fetch = device_arrays(decoded, split.labels) if device.type == "cuda" else host_arrays(decoded, split.labels)
+            source = BatchSource(order, fetch, on_device=device.type == "cuda")
+        else:
+            kind, files = "files", list(split.files)
+            source = BatchSource(order, file_paths(files, split.labels))
+        build = pipeline_builder(kind, recipe, mean, std, train, device, threads, seed)
+        return DaliLoader(build, source, recipe.channels_last, train, files=files)
 
     variant = "dali-cache" if cache else ("dali" if device.type == "cuda" else "dali-cpu")
     return make(data.train, True), make(data.val, False), variant, [why]

@@ -2,18 +2,23 @@
 
 This is the plain PyTorch pipeline of the seed report, kept exact so that the DALI pipelines
 have a fair reference: each image is decoded and augmented on the CPU by PIL/torchvision,
-batches are collated as float32 NCHW, pinned, then copied to the device.
+batches are collated as float32 NCHW, pinned, then copied to the device. Samples are visited in
+the order of fasttrain/data/order.py, like every other backend.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+from pathlib import Path
+from typing import Callable
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from fasttrain.data.datasets import ArraySplit, FileSplit
+from fasttrain.data.order import EpochOrder
 from fasttrain.data.transforms import load_rgb
 
 
@@ -22,7 +27,7 @@ def default_workers() -> int:
 
 
 class ImageDataset(Dataset):
-    """(transformed image, label) for CIFAR arrays or image files."""
+    """(transformed image, label, index) for CIFAR arrays or image files; image None if it won't decode."""
 
     def __init__(self, split: ArraySplit | FileSplit, transform):
         self.split, self.transform = split, transform
@@ -34,40 +39,84 @@ class ImageDataset(Dataset):
         if isinstance(self.split, ArraySplit):
             image = Image.fromarray(self.split.images[i])
         else:
-            image = load_rgb(self.split.files[i])
-        return self.transform(image), int(self.split.labels[i])
+            try:
+                image = load_rgb(self.split.files[i])
+            except (OSError, ValueError, SyntaxError):  # truncated or corrupt data behind a valid header
+                return None, int(self.split.labels[i]), i
+        return self.transform(image), int(self.split.labels[i]), i
+
+
+def collate_skipping(samples):
+    """Collate the decodable samples; report the indices of the others."""
+    good = [(image, label) for image, label, _ in samples if image is not None]
+    bad = [i for image, _, i in samples if image is None]
+    images, labels = default_collate(good) if good else (None, None)
+    return images, labels, bad
+
+
+class EpochSampler(Sampler):
+    """Indices in EpochOrder's order: every iter() is the next epoch."""
+
+    def __init__(self, order: EpochOrder):
+        self.order = order
+
+    def __iter__(self):
+        return iter(self.order.next_epoch().tolist())
+
+    def __len__(self) -> int:
+        return self.order.steps() * self.order.batch_size
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    # Ctrl-C is the main process's to handle: it finishes the step and saves; workers keep serving
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class DeviceLoader:
-    """Wraps a DataLoader: yields (images, labels) on the device, channels_last when asked."""
+    """Wraps a DataLoader: yields (images, labels) on the device, channels_last when asked.
 
-    def __init__(self, loader: DataLoader, device: torch.device, channels_last: bool):
-        self.loader, self.device = loader, device
+    A file that fails to decode is dropped from its batch, named to every `on_skip` callback, and
+    excluded from later epochs.
+    """
+
+    def __init__(self, loader: DataLoader, order: EpochOrder, files: list[Path] | None, device: torch.device,
+                 channels_last: bool):
+        self.loader, self.order, self.files, self.device = loader, order, files, device
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.batch_size = loader.batch_size
+        self.batch_size = order.batch_size
+        self.on_skip: list[Callable[[Path, str], None]] = []
 
     def __len__(self) -> int:
-        return len(self.loader)
+        return self.order.steps()
 
     def __iter__(self):
-        for images, labels in self.loader:
+        for images, labels, bad in self.loader:
+            for i in bad:
+                self.order.excluded.add(i)
+                for callback in self.on_skip:
+                    callback(self.files[i], "cannot be decoded")
+            if images is None:
+                continue
             # from pinned memory these copies are asynchronous: no host sync per step
             yield (images.to(self.device, non_blocking=True, memory_format=self.memory_format),
                    labels.to(self.device, non_blocking=True))
 
 
 def torch_loader(split, transform, batch_size: int, device: torch.device, train: bool, workers: int,
-                 channels_last: bool, seed: int) -> DeviceLoader:
-    generator = torch.Generator().manual_seed(seed)
+                 channels_last: bool, seed: int, start_epoch: int = 1, start_step: int = 0) -> DeviceLoader:
+    order = EpochOrder(len(split), batch_size, train, seed, start_epoch=start_epoch, start_step=start_step)
     loader = DataLoader(
         ImageDataset(split, transform),
         batch_size=batch_size,
-        shuffle=train,
-        drop_last=train,            # fixed training shapes: a compiled model never recompiles
+        sampler=EpochSampler(order),
+        drop_last=False,            # EpochOrder already keeps whole training batches only
         num_workers=workers,
+        collate_fn=collate_skipping,
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
-        generator=generator,
+        worker_init_fn=_ignore_sigint if workers > 0 else None,
+        generator=torch.Generator().manual_seed(seed),  # seeds the workers' augmentation
     )
-    return DeviceLoader(loader, device, channels_last)
+    return DeviceLoader(loader, order, list(split.files) if isinstance(split, FileSplit) else None, device,
+                        channels_last)

@@ -1,0 +1,182 @@
+"""Never losing work: exact resume, interruption, atomic checkpoints, damaged data, a diverging loss."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fasttrain.cli import main
+from fasttrain.outputs import load_checkpoint
+from fasttrain.train import NonFiniteLoss, train_one_epoch
+from fasttrain.device import Precision
+
+from conftest import class_image
+
+SEED_CNN = ["--recipe", "seed", "--device", "cpu", "--batch-size", "8", "--workers", "0", "--loader", "torch"]
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_continues_exactly(cifar_root, tmp_path):
+    """Two epochs in one go, and one epoch then a resume: the second epoch is the same."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert main(["cnn", "--data", str(cifar_root), "--out", str(whole), "--epochs", "2", *SEED_CNN]) == 0
+    assert main(["cnn", "--data", str(cifar_root), "--out", str(split), "--epochs", "1", *SEED_CNN]) == 0
+    assert main(["cnn", "--data", str(cifar_root), "--out", str(split), "--epochs", "2", "--resume", *SEED_CNN]) == 0
+    a, b = metrics(whole), metrics(split)
+    assert [r["epoch"] for r in b] == [1, 2]
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
+        assert b[1][key] == pytest.approx(a[1][key], rel=1e-5, abs=1e-7), key
+
+
+def test_same_seed_same_first_epoch_loss(cifar_root, tmp_path):
+    losses = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        assert main(["cnn", "--data", str(cifar_root), "--out", str(out), "--epochs", "1", "--seed", "7",
+                     "--recipe", "seed", "--device", "cpu", "--batch-size", "8", "--workers", "2"]) == 0
+        losses.append(metrics(out)[0]["train_loss"])
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["seed"] == 7 and summary["determinism"]["repeatable"]
+    assert losses[0] == losses[1]
+
+
+def _start(out, *extra):
+    """A CNN run slow enough to interrupt: 30 steps of 4 synthetic images an epoch."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "fasttrain", "cnn", "--synthetic", "--device", "cpu", "--train-limit", "120",
+         "--val-limit", "8", "--batch-size", "4", "--epochs", "1", "--recipe", "seed", "--out", str(out), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _wait_for_training(proc):
+    for line in proc.stdout:  # plain progress lines: the first comes after 20 steps
+        if line.startswith("epoch 1/1 step"):
+            return
+    raise AssertionError("the run ended before training started: " + proc.stderr.read())
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_finishes_the_step_saves_and_resumes(signum, code, tmp_path):
+    out = tmp_path / "run"
+    proc = _start(out)
+    _wait_for_training(proc)
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == code, stderr
+    assert "Traceback" not in stderr and "Resume with:" in stderr
+    ck = load_checkpoint(out / "last.pt")
+    assert ck["epoch"] == 0 and 20 <= ck["step"] <= 30
+    assert not (out / "metrics.jsonl").exists()  # no epoch finished: nothing logged yet
+    resume = stderr.split("Resume with: ")[1].strip()
+    assert "--resume" in resume and str(out) in resume
+    done = subprocess.run(resume.replace("python ", f"{sys.executable} ", 1), shell=True, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = metrics(out)
+    assert [r["epoch"] for r in rows] == [1] and rows[0]["resumed_at_step"] == ck["step"]
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_half_written_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    proc = _start(out)
+    _wait_for_training(proc)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in stderr
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    if (out / "last.pt").exists():
+        assert load_checkpoint(out / "last.pt")["epoch"] == 0
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint(cifar_root, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    assert main(["cnn", "--data", str(cifar_root), "--out", str(out), "--epochs", "1", *SEED_CNN]) == 0
+    before = (out / "last.pt").read_bytes()
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("fasttrain.outputs.os.fsync", full)
+    capsys.readouterr()
+    assert main(["cnn", "--data", str(cifar_root), "--out", str(out), "--epochs", "2", "--resume", *SEED_CNN]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and "is intact" in err[0]
+    assert (out / "last.pt").read_bytes() == before
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_damaged_files_are_skipped_and_named_or_refused_with_strict(tmp_path, capsys):
+    for split, n in (("train", 4), ("val", 2)):
+        for label, name in enumerate(("a", "b")):
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(n):
+                class_image(label, i).save(tmp_path / split / name / f"{i}.jpg")
+    text = tmp_path / "train" / "a" / "notes.jpg"
+    text.write_text("this is a text file with a .jpg name")
+    truncated = tmp_path / "train" / "b" / "1.jpg"
+    truncated.write_bytes(truncated.read_bytes()[:250])
+    args = ["resnet", "--data", str(tmp_path), "--weights", "none", "--device", "cpu", "--epochs", "1",
+            "--batch-size", "2", "--workers", "0"]
+    for loader in ("torch", "dali"):
+        out = tmp_path / f"run-{loader}"
+        assert main([*args, "--loader", loader, "--out", str(out)]) == 0
+        printed = capsys.readouterr().out
+        assert f"skipped {text}" in printed and f"skipped {truncated}" in printed
+        listed = (out / "skipped.txt").read_text()
+        assert str(text) in listed and str(truncated) in listed
+        assert json.loads((out / "summary.json").read_text())["skipped_files"] == 2
+    assert main([*args, "--strict", "--out", str(tmp_path / "strict")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--strict" in err[0] and "notes.jpg" in err[0]
+
+
+def test_a_persistent_nonfinite_loss_stops_the_run(cifar_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["cnn", "--data", str(cifar_root), "--out", str(out), "--epochs", "2", "--lr", "1e30", *SEED_CNN])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1
+    assert "NaN or infinite at epoch 1, step" in err[0] and "--lr" in err[0]
+    assert json.loads((out / "summary.json").read_text())["status"] == "diverged"
+
+
+def _loader(losses):
+    """Batches whose loss (through an identity 'model') is the given value per step."""
+    return [(torch.tensor([[v, 0.0]]), torch.tensor([0])) for v in losses]
+
+
+class _Identity(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return x + 0 * self.w  # the loss is the input; the weight's gradient stays finite
+
+
+def _epoch(losses, patience):
+    model = _Identity()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    return train_one_epoch(model, _loader(losses), opt, sched, scaler, lambda logits, y: logits[:, 0].mean(),
+                           Precision("cpu", None), torch.device("cpu"), epoch=3, nonfinite_patience=patience)
+
+
+def test_nonfinite_guard_names_the_first_bad_step_and_tolerates_skipped_steps():
+    nan = float("nan")
+    with pytest.raises(NonFiniteLoss) as err:
+        _epoch([1.0, 1.0, nan, nan, 1.0], patience=1)  # a streak of one is enough in fp32/bf16
+    assert (err.value.epoch, err.value.step) == (3, 3)
+    stats = _epoch([1.0, nan, nan, 1.0, 1.0], patience=3)  # fp16: GradScaler skips a short streak
+    assert stats.loss == pytest.approx(3 / 5)  # non-finite steps count as no loss, not as NaN
