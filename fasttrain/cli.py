@@ -91,12 +91,32 @@ def _add_train_flags(p: argparse.ArgumentParser, model: str) -> None:
         p.add_argument("--weights", help="imagenet (default; torchvision's cache), none, or PATH to a state dict")
 
 
+def _add_inference_flags(p: argparse.ArgumentParser) -> None:
+    from fasttrain.data import backend_names
+
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
+    p.add_argument("--batch-size", type=_positive_int, default=256)
+    p.add_argument("--workers", type=_non_negative_int, help="DataLoader processes / DALI threads")
+    p.add_argument("--loader", choices=backend_names(), default="auto")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fasttrain", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{cnn,resnet,preview}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{cnn,resnet,predict,evaluate,preview}")
     _add_train_flags(sub.add_parser("cnn", help="the seed report's CNN on CIFAR-100 (32 px)"), "cnn")
     _add_train_flags(sub.add_parser("resnet", help="ResNet-18 from ImageNet weights on CUB-200 (224 px)"),
                      "resnet")
+    p = sub.add_parser("predict", help="predict classes for images: a CSV ready for a Kaggle upload")
+    p.add_argument("--checkpoint", type=Path, required=True, help="a run's best.pt or last.pt")
+    p.add_argument("--data", type=Path, required=True, help="a folder of images (searched recursively) or a CIFAR pickle")
+    p.add_argument("--out", type=Path, default=Path("predictions.csv"))
+    p.add_argument("--top-k", type=_positive_int, default=1, help="add the k best classes with probabilities")
+    _add_inference_flags(p)
+    p = sub.add_parser("evaluate", help="top-1/top-5 and per-class accuracy, confusion matrix")
+    p.add_argument("--checkpoint", type=Path, required=True, help="a run's best.pt or last.pt")
+    p.add_argument("--data", type=Path, help="data set folder, as for training; its val/test split is evaluated")
+    p.add_argument("--out", type=Path, default=Path("evaluation"))
+    _add_inference_flags(p)
     p = sub.add_parser("preview", help="draw one batch after augmentation, as the model sees it")
     p.add_argument("model", choices=["cnn", "resnet"])
     p.add_argument("--data", type=Path, help="data folder (default: $FASTTRAIN_DATA, else ./data)")
@@ -133,8 +153,8 @@ def print_summary(model_name: str, recipe: Recipe, num_classes: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "preview":
-            return run_preview(args)
+        if args.command in ("preview", "predict", "evaluate"):
+            return {"preview": run_preview, "predict": run_predict, "evaluate": run_evaluate}[args.command](args)
         return run_train(args, argv if argv is not None else sys.argv[1:])
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -145,6 +165,41 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C: checkpoints are written atomically, none is half-written
         print("stopped at once; last.pt holds the last state that was saved", file=sys.stderr)
         return 130
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from fasttrain.inference import predict
+
+    result = predict(args.checkpoint, args.data, args.out, args.top_k, args.device, args.batch_size, args.workers,
+                     args.loader)
+    for path, why in result["skipped"][:5]:
+        print(f"skipped {path}: {why}")
+    print(f"wrote {args.out}: {result['images']} predictions ({result['backend']} on {result['device']}"
+          + (f", {len(result['skipped'])} damaged files skipped" if result["skipped"] else "") + ")")
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from fasttrain.inference import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, args.data, args.out, args.device, args.batch_size, args.workers,
+                                 args.loader)
+    rows = sorted(result["per_class"], key=lambda r: (r["accuracy"] is None, r["accuracy"] or 0))
+    shown = rows if len(rows) <= 30 else rows[:10] + rows[-10:]
+    table = Table("class", "images", "correct", "accuracy",
+                  title="accuracy per class" + (" (10 worst, 10 best)" if len(rows) > 30 else ""))
+    for r in shown:
+        table.add_row(r["class"], str(r["images"]), str(r["correct"]),
+                      "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%")
+    console = Console()
+    console.print(table)
+    console.print(f"{result['data']}\ntop-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
+                  f"on {result['images']} images; wrote {args.out}/metrics.json, per_class.csv, confusion.png",
+                  highlight=False)
+    return 0
 
 
 def run_preview(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 CLASSES = ["apple", "bee", "cloud"]
-COLOURS = [(200, 40, 40), (230, 200, 30), (60, 90, 220)]
+COLOURS = [(200, 40, 40), (230, 200, 30), (60, 90, 220), (40, 170, 70)]
 
 
 def class_image(label: int, i: int, size=(48, 36)) -> Image.Image:

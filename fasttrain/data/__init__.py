@@ -86,4 +86,20 @@ def build_loaders(data: DataSet, recipe: Recipe, device: torch.device, workers: 
     return Loaders(train, val, variant, mean, std, notes)
 
 
-__all__ = ["DataSet", "Loaders", "build_loaders", "backend_names", "cap", "open_dataset", "synthetic_dataset"]
+def build_eval_loader(split, from_files: bool, recipe: Recipe, device: torch.device, workers: int, mean, std,
+                      loader: str = "auto") -> tuple[Iterable, str]:
+    """One evaluation loader (every sample once, in order) for predict and evaluate, and its backend."""
+    name = default_backend() if loader == "auto" else loader
+    if name == "dali":
+        from fasttrain.data.dali_loader import dali_loader
+
+        return dali_loader(split, False, recipe, device, workers, 0, mean, std), \
+            "dali" if device.type == "cuda" else "dali-cpu"
+    from fasttrain.data.torch_loader import torch_loader
+    from fasttrain.data.transforms import eval_transform
+
+    return torch_loader(split, eval_transform(recipe, mean, std, from_files), recipe.batch_size, device, False,
+                        workers, recipe.channels_last, 0), "torch"
+
+
+__all__ = ["build_eval_loader", "DataSet", "Loaders", "build_loaders", "backend_names", "cap", "open_dataset", "synthetic_dataset"]

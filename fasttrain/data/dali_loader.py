@@ -394,33 +394,39 @@ def choose_cache(mode: str, data, recipe: Recipe, device: torch.device) -> tuple
     return False, f"cache off: {gb} is more than {CACHE_SHARE:.0%} of the {free / 2**30:.1f} GiB free"
 
 
+def dali_loader(split, train: bool, recipe: Recipe, device: torch.device, threads: int, seed: int, mean, std,
+                cache: bool = False, shard_id: int = 0, num_shards: int = 1, start_epoch: int = 1,
+                start_step: int = 0) -> DaliLoader:
+    """One split's loader: training (shuffled, whole batches) or evaluation (every sample, in order)."""
+    order = EpochOrder(len(split), recipe.batch_size, train, seed, shard_id, num_shards, start_epoch, start_step)
+    files = None
+    if isinstance(split, ArraySplit):
+        kind = "arrays"
+        if cache and device.type == "cuda":
+            source = BatchSource(order, device_arrays(torch.as_tensor(split.images, device=device), split.labels),
+                                 on_device=True)
+        else:
+            source = BatchSource(order, host_arrays(split.images, split.labels))
+    elif cache:
+        kind, decoded = "cache", decode_to_device(split, recipe, device, threads)
+        fetch = device_arrays(decoded, split.labels) if device.type == "cuda" else host_arrays(decoded, split.labels)
+        source = BatchSource(order, fetch, on_device=device.type == "cuda")
+    else:
+        kind, files = "files", list(split.files)
+        source = BatchSource(order, file_paths(files, split.labels))
+    build = pipeline_builder(kind, recipe, mean, std, train, device, threads, seed)
+    return DaliLoader(build, source, recipe.channels_last, train, files=files)
+
+
 def dali_loaders(data, recipe: Recipe, device: torch.device, threads: int, seed: int, mean, std,
                  shard_id: int = 0, num_shards: int = 1, start_epoch: int = 1,
                  start_step: int = 0) -> tuple[DaliLoader, DaliLoader, str, list[str]]:
     """Training and evaluation loaders, the variant's name and what was decided on the way."""
     import_dali()
     cache, why = choose_cache(recipe.cache, data, recipe, device)
-
-    def make(split, train: bool) -> DaliLoader:
-        order = EpochOrder(len(split), recipe.batch_size, train, seed, shard_id, num_shards,
-                           start_epoch if train else 1, start_step if train else 0)
-        files = None
-        if isinstance(split, ArraySplit):
-            kind = "arrays"
-            if cache and device.type == "cuda":
-                source = BatchSource(order, device_arrays(torch.as_tensor(split.images, device=device), split.labels),
-                                     on_device=True)
-            else:
-                source = BatchSource(order, host_arrays(split.images, split.labels))
-        elif cache:
-            kind, decoded = "cache", decode_to_device(split, recipe, device, threads)
-            fetch = device_arrays(decoded, split.labels) if device.type == "cuda" else host_arrays(decoded, split.labels)
-            source = BatchSource(order, fetch, on_device=device.type == "cuda")
-        else:
-            kind, files = "files", list(split.files)
-            source = BatchSource(order, file_paths(files, split.labels))
-        build = pipeline_builder(kind, recipe, mean, std, train, device, threads, seed)
-        return DaliLoader(build, source, recipe.channels_last, train, files=files)
-
+    common = dict(recipe=recipe, device=device, threads=threads, seed=seed, mean=mean, std=std, cache=cache,
+                  shard_id=shard_id, num_shards=num_shards)
+    train = dali_loader(data.train, True, start_epoch=start_epoch, start_step=start_step, **common)
+    val = dali_loader(data.val, False, **common)
     variant = "dali-cache" if cache else ("dali" if device.type == "cuda" else "dali-cpu")
-    return make(data.train, True), make(data.val, False), variant, [why]
+    return train, val, variant, [why]

@@ -94,11 +94,14 @@ def _read_pickle(path: Path) -> dict:
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in record.items()}
 
 
-def read_cifar_split(path: Path) -> ArraySplit:
+def read_cifar_split(path: Path, labels_required: bool = True) -> ArraySplit:
+    """One pickle: a training or test split, or (labels_required=False) unlabelled images to predict."""
     record = _read_pickle(path)
     labels = record.get("fine_labels", record.get("labels"))
-    if "data" not in record or labels is None:
+    if "data" not in record or (labels is None and labels_required):
         raise UserError(f"{path}: not a CIFAR-100 python pickle (no 'data' and 'fine_labels' entries)")
+    if labels is None:
+        labels = [0] * len(record["data"])
     data = np.asarray(record["data"], dtype=np.uint8)
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
         raise UserError(f"{path}: not a CIFAR-100 python pickle ('data' is {data.shape}, expected "
