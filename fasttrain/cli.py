@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+
+import torch
 from pathlib import Path
 
 
@@ -85,6 +87,8 @@ def _add_train_flags(p: argparse.ArgumentParser, model: str) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--summary", action="store_true", help="print the layers and parameter counts, then exit")
     p.add_argument("--strict", action="store_true", help="refuse damaged image files (exit 2) instead of skipping them")
+    p.add_argument("--sync-bn", action=flag, default=False,
+                   help="under torchrun: BatchNorm statistics over the global batch (default: per process)")
     if model == "resnet":
         p.add_argument("--finetune", action=flag, default=False,
                        help="train every layer (default: only the new head, backbone frozen)")
@@ -161,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except RunError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except torch.distributed.DistError as exc:
+        from fasttrain.distributed import lost_rank_error
+        print(f"error: {lost_rank_error(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # a second Ctrl-C: checkpoints are written atomically, none is half-written
         print("stopped at once; last.pt holds the last state that was saved", file=sys.stderr)

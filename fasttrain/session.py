@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import dataclasses
 import importlib.metadata
+import os
 import platform
 import random
 import shlex
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from fasttrain import device as dev
+from fasttrain import distributed
 from fasttrain.data import build_loaders, cap, open_dataset, synthetic_dataset
 from fasttrain.data.synthetic import SYNTHETIC_SIZES
 from fasttrain.data.check import check_files
@@ -31,6 +33,26 @@ from fasttrain.train import EpochRecord, Interrupted, NonFiniteLoss, fit, make_o
 
 
 SHOW_SKIPPED = 5  # damaged files named on screen; all of them go to skipped.txt
+STOP_CHECK = 20   # under torchrun, ranks agree on a requested stop every this many steps
+
+
+class SilentReporter:
+    """Ranks other than 0 show nothing."""
+
+    def print(self, text: str) -> None:
+        pass
+
+    def start_epoch(self, epoch: int, epochs: int, steps: int) -> "SilentReporter":
+        return self
+
+    def step(self, done: int, loss: float | None = None, images_per_sec: float | None = None) -> None:
+        pass
+
+    def end_epoch(self, row: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _rng_state() -> dict:
@@ -80,14 +102,24 @@ class TrainingSession:
         self.command = shlex.join(["python", "-m", "fasttrain", *argv])
         self.overrides, self.notes, self.skipped = overrides, [], []
         self.reporter, self.stop_signal = None, None
-        self.run_dir = RunDir(args.out or Path("runs") / f"{args.command}-{time.strftime('%Y%m%d-%H%M%S')}")
-        self.run_dir.prepare(resume=args.resume)
+        self.dist = distributed.from_env()
+        self.device = distributed.local_device(self.dist, dev.resolve_device(args.device))
+        distributed.init(self.dist, self.device)
+        # every rank must agree on the run folder: rank 0 names it and prepares it
+        out = args.out or Path("runs") / f"{args.command}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if self.dist.enabled and args.out is None:
+            box = [str(out)]
+            torch.distributed.broadcast_object_list(box, src=0)
+            out = Path(box[0])
+        self.run_dir = RunDir(out)
+        if not args.resume and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and self.run_dir.last.exists():
+            args.resume = True  # torchrun --max-restarts restarted the job: continue it rather than refuse
+        distributed.on_main(self.dist, lambda: self.run_dir.prepare(resume=args.resume), self.device)
         self.checkpoint = load_checkpoint(self.run_dir.last) if args.resume else None
         if self.checkpoint is not None:
             # the checkpoint's recipe, with the flags given on this command line on top
             recipe = override(recipe_from_dict(self.checkpoint["recipe"]), overrides)
         self.recipe = recipe
-        self.device = dev.resolve_device(args.device)
         self.amp = recipe.amp if recipe.amp is not None else self.device.type == "cuda"
         self.compile = recipe.compile if recipe.compile is not None else self.device.type == "cuda"
         self.precision = dev.choose_precision(self.device, self.amp)
@@ -123,6 +155,8 @@ class TrainingSession:
     def _skip(self, path: Path, reason: str) -> None:
         """A damaged file left out: on screen for the first few, every one in skipped.txt."""
         self.skipped.append(path)
+        if not self.dist.is_main:
+            return
         with open(self.run_dir.path / "skipped.txt", "a") as f:
             f.write(f"{path}\t{reason}\n")
         if len(self.skipped) <= SHOW_SKIPPED:
@@ -131,6 +165,8 @@ class TrainingSession:
             self._say(f"skipping more damaged files: all in {self.run_dir.path / 'skipped.txt'}")
 
     def _say(self, text: str) -> None:
+        if not self.dist.is_main:
+            return
         if self.reporter is not None:
             self.reporter.print(f"note: {text}")
         else:
@@ -169,12 +205,15 @@ class TrainingSession:
         ck = self.checkpoint
         start_epoch = ck["epoch"] + 1 if ck else 1
         start_step = ck.get("step", 0) if ck else 0
-        self.loaders = build_loaders(self.data, recipe, device, self.workers, self.args.seed, start_epoch, start_step)
+        self.loaders = build_loaders(self.data, recipe, device, self.workers, self.args.seed, start_epoch, start_step,
+                                     shard_id=self.dist.rank, num_shards=self.dist.world_size)
         for loader in (self.loaders.train, self.loaders.val):
             if hasattr(loader, "on_skip"):
                 loader.on_skip.append(self._skip)
         self.model = self._model(self.data.num_classes)
-        optimizer = make_optimizer(trainable_parameters(self.model), recipe)
+        # the recipe's lr is for its batch on one GPU; the global batch is world_size times that
+        optimizer = make_optimizer(trainable_parameters(self.model),
+                                   dataclasses.replace(recipe, lr=recipe.lr * self.dist.world_size))
         steps = len(self.loaders.train)
         scheduler = make_scheduler(optimizer, recipe, steps)
         scaler = self.precision.grad_scaler()
@@ -190,9 +229,9 @@ class TrainingSession:
             self.rows = self.run_dir.keep_metrics_through(ck["epoch"])
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
         loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
-        compiled = dev.maybe_compile(self.model, self.compile)
+        compiled = dev.maybe_compile(self._parallel(self.model), self.compile)
 
-        self.reporter = make_reporter()
+        self.reporter = make_reporter() if self.dist.is_main else SilentReporter()
         self._announce(start_epoch, start_step)
         self.started = time.perf_counter()
         self.prior_time_s = ck.get("total_time_s", 0.0) if ck else 0.0
@@ -204,13 +243,13 @@ class TrainingSession:
                 fit(compiled, self.loaders.train, self.loaders.val, optimizer, scheduler, scaler, loss_fn,
                     self.precision, device, recipe.epochs, start_epoch, start_step, compiled=self.compile,
                     observer_for=lambda epoch: self.reporter.start_epoch(epoch, recipe.epochs, steps),
-                    on_epoch_end=self._epoch_end, should_stop=lambda: self.stop_signal is not None,
-                    nonfinite_patience=patience)
+                    on_epoch_end=self._epoch_end, should_stop=self._should_stop, nonfinite_patience=patience)
             except Interrupted as stop:
                 return self._stopped(stop.epoch, stop.steps)
             except NonFiniteLoss as bad:
                 self.status = "diverged"
-                self._write_summary()
+                if self.dist.is_main:
+                    self._write_summary()
                 self.close()
                 last = f"the last good checkpoint is {self.run_dir.last}" if self.run_dir.last.exists() else \
                     "no checkpoint was written yet"
@@ -219,10 +258,30 @@ class TrainingSession:
         if self.stop_signal is not None:  # asked to stop during evaluation: the epoch is saved
             return self._stopped(self.rows[-1]["epoch"] + 1 if self.rows else start_epoch, 0)
         self.status = "finished"
-        self._write_summary()
+        if self.dist.is_main:
+            self._write_summary()
         self.close()
-        self._farewell()
+        if self.dist.is_main:
+            self._farewell()
         return 0
+
+    def _parallel(self, model: nn.Module) -> nn.Module:
+        """DistributedDataParallel under torchrun (SyncBatchNorm first, with --sync-bn); the model itself otherwise."""
+        if not self.dist.enabled:
+            return model
+        if self.args.sync_bn:
+            if self.device.type != "cuda":
+                raise UserError("--sync-bn needs CUDA: SyncBatchNorm has no CPU implementation")
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def _should_stop(self, step: int) -> bool:
+        """A signal stops the run after the current step; under torchrun every rank agrees at the
+        same step (one tiny collective every STOP_CHECK steps, not every step)."""
+        if not self.dist.enabled:
+            return self.stop_signal is not None
+        return step % STOP_CHECK == 0 and distributed.any_(self.stop_signal is not None, self.device)
 
     def resume_command(self) -> str:
         """This run's own command line, pointed at its folder, with --resume."""
@@ -250,13 +309,15 @@ class TrainingSession:
 
     def _stopped(self, epoch: int, steps: int) -> int:
         """Save the state after the last whole step of `epoch` and say how to resume."""
-        self.run_dir.save_checkpoint(self._checkpoint_state(epoch - 1, steps), best=False)
         self.status = "interrupted"
-        self._write_summary()
         self.close()
+        if not self.dist.is_main:
+            return 128 + (self.stop_signal or signal.SIGTERM)
+        self.run_dir.save_checkpoint(self._checkpoint_state(epoch - 1, steps), best=False)
+        self._write_summary()
         where = f"epoch {epoch}, step {steps}" if steps else f"the end of epoch {epoch - 1}"
         print(f"stopped at {where}; saved {self.run_dir.last}. Resume with: {self.resume_command()}", file=sys.stderr)
-        return 128 + self.stop_signal
+        return 128 + (self.stop_signal or signal.SIGTERM)
 
     def _announce(self, start_epoch: int, start_step: int) -> None:
         r, p = self.recipe, self.reporter
@@ -264,6 +325,11 @@ class TrainingSession:
         p.print(f"device {dev.device_name(self.device)}, {self.precision.name}, "
                 f"{'compiled' if self.compile else 'eager'}, {'channels_last' if r.channels_last else 'NCHW'}, "
                 f"loader {self.loaders.backend}, batch {r.batch_size}, lr {r.lr:g}, {r.epochs} epochs")
+        if self.dist.enabled:
+            world = self.dist.world_size
+            p.print(f"torchrun: {world} processes; batch {r.batch_size} per process, {r.batch_size * world} global; "
+                    f"lr {r.lr:g} x {world} = {r.lr * world:g} (linear scaling with the global batch)"
+                    + ("; SyncBatchNorm" if self.args.sync_bn else "; BatchNorm statistics per process"))
         for note in self.notes + self.loaders.notes:
             p.print(f"note: {note}")
         if start_epoch > 1 or start_step:
@@ -283,13 +349,17 @@ class TrainingSession:
             raise UserError(f"epoch {record.epoch}: training loss is {t.loss}; lower --lr or use --no-amp "
                             f"(last good checkpoint: {self.run_dir.last})")
         self.rows.append(row)
-        self.run_dir.append_metrics(row)
-        self.reporter.end_epoch(row)
         best = v.acc > self.best_acc
         self.best_acc = max(self.best_acc, v.acc)
+        if not self.dist.is_main:
+            return
+        self.run_dir.append_metrics(row)
+        self.reporter.end_epoch(row)
         self.run_dir.save_checkpoint(self._checkpoint_state(record.epoch, 0), best=best)
         self.run_dir.plot_curves(self.rows, f"{self.args.command}, recipe {self.recipe.name}, "
-                                            f"{dev.device_name(self.device)}", self.recipe.label_smoothing)
+                                            f"{dev.device_name(self.device)}" +
+                                 (f" x {self.dist.world_size}" if self.dist.enabled else ""),
+                                 self.recipe.label_smoothing)
         self._write_summary()
 
     def _checkpoint_state(self, epoch: int, step: int) -> dict:
@@ -312,7 +382,8 @@ class TrainingSession:
             "status": self.status, "model": self.args.command, "recipe": dataclasses.asdict(self.recipe),
             "command": self.command, "versions": self.versions, "device": dev.device_name(self.device),
             "precision": self.precision.name, "compiled": self.compile, "loader": self.loaders.backend,
-            "workers": self.workers if self.loaders.backend == "torch" else None, "world_size": 1,
+            "workers": self.workers if self.loaders.backend == "torch" else None,
+            "world_size": self.dist.world_size, "sync_bn": bool(self.args.sync_bn and self.dist.enabled),
             "data": {"description": self.data.describe(), "kind": self.data.kind, "layout": self.data.layout,
                      "train_images": len(self.data.train), "val_images": len(self.data.val),
                      "classes": self.data.num_classes, "mean": list(self.loaders.mean),
@@ -355,5 +426,6 @@ class TrainingSession:
         if self.reporter is not None:
             self.reporter.close()
             self.reporter = None
+        distributed.shutdown()
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fasttrain import distributed
 from fasttrain.device import Precision, Stopwatch, synchronize
 from fasttrain.recipes import Recipe
 
@@ -80,13 +81,14 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
                     scaler: torch.amp.GradScaler, loss_fn: Callable, precision: Precision,
                     device: torch.device, observer: StepObserver | None = None, log_every: int = 20,
                     first_step_compiles: bool = False, epoch: int = 0, start_step: int = 0,
-                    should_stop: Callable[[], bool] = lambda: False, nonfinite_patience: int = 1) -> EpochStats:
+                    should_stop: Callable[[int], bool] = lambda step: False, nonfinite_patience: int = 1) -> EpochStats:
     """One pass over the loader (from `start_step` when resuming).
 
-    Stops early, after a whole step, when should_stop() says so (stats.interrupted). Raises
+    Stops early, after a whole step, when should_stop(step) says so (stats.interrupted). Raises
     NonFiniteLoss when `nonfinite_patience` steps in a row had a NaN or infinite loss; with fp16
     the GradScaler skips such steps itself, so only a persistent streak stops the run. Both are
-    read from the device at log intervals only.
+    read from the device at log intervals only. Under torchrun the epoch's totals are summed over
+    ranks at its end (images/s is then the sum over ranks, timed by the slowest).
     """
     model.train()
     loss_sum = torch.zeros((), device=device)
@@ -131,7 +133,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
             start = time.perf_counter()
         else:
             timed_images += n
-        stop = should_stop()
+        stop = should_stop(step)
         if step % log_every == 0 or stop:
             if worst_streak.item() >= nonfinite_patience:
                 raise NonFiniteLoss(epoch, int(first_bad.item()))
@@ -147,7 +149,12 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
     seconds = time.perf_counter() - start
     if worst_streak.item() >= nonfinite_patience:
         raise NonFiniteLoss(epoch, int(first_bad.item()))
-    return EpochStats((loss_sum / max(seen, 1)).item(), correct.item() / max(seen, 1), timed_images, seconds,
+    counts = torch.tensor([float(seen), float(timed_images)], device=device, dtype=torch.float64)
+    totals = distributed.sum_(torch.cat([loss_sum.double().view(1), correct.double().view(1), counts])).tolist()
+    seconds, wait, compile_s = distributed.max_(torch.tensor([seconds, wait, compile_s], device=device,
+                                                             dtype=torch.float64)).tolist()
+    loss_total, correct_total, seen, timed_images = totals
+    return EpochStats(loss_total / max(seen, 1), correct_total / max(seen, 1), int(timed_images), seconds,
                       wait, compile_s, steps=step, start_step=start_step, interrupted=interrupted)
 
 
@@ -185,8 +192,10 @@ def evaluate(model: nn.Module, loader: Iterable, precision: Precision, device: t
         k = min(5, logits.shape[1])
         correct5 += (logits.topk(k, dim=1).indices == labels[:, None]).any(1).sum()
         seen += n
+    loss_sum, correct, correct5, seen = distributed.sum_(torch.stack(
+        [loss_sum.double(), correct.double(), correct5.double(), torch.tensor(float(seen), device=device)])).tolist()
     seen = max(seen, 1)
-    return EvalStats((loss_sum / seen).item(), correct.item() / seen, correct5.item() / seen, seen, compile_s)
+    return EvalStats(loss_sum / seen, correct / seen, correct5 / seen, int(seen), compile_s)
 
 
 def _memory_format(images: torch.Tensor) -> torch.memory_format:
@@ -215,10 +224,10 @@ def fit(model: nn.Module, train_loader, val_loader, optimizer, scheduler, scaler
         device: torch.device, epochs: int, start_epoch: int = 1, start_step: int = 0, compiled: bool = False,
         observer_for: Callable[[int], StepObserver | None] = lambda epoch: None,
         on_epoch_end: Callable[[EpochRecord], None] = lambda record: None,
-        should_stop: Callable[[], bool] = lambda: False, nonfinite_patience: int = 1) -> list[EpochRecord]:
+        should_stop: Callable[[int], bool] = lambda step: False, nonfinite_patience: int = 1) -> list[EpochRecord]:
     """Train from `start_epoch` (at `start_step`) to `epochs` (1-based, inclusive); one record per epoch.
 
-    Raises Interrupted when should_stop() turns true inside an epoch, after a whole step.
+    Raises Interrupted when should_stop(step) turns true inside an epoch, after a whole step.
     """
     records = []
     eval_batch = getattr(val_loader, "batch_size", None) or 1

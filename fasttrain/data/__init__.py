@@ -29,29 +29,31 @@ class Loaders:
     notes: list = field(default_factory=list)  # decisions worth telling the user (cache, fallbacks)
 
 
-def _torch_backend(data: DataSet, recipe: Recipe, device: torch.device, workers: int, seed: int,
-                   mean, std, start_epoch: int = 1, start_step: int = 0) -> tuple[Iterable, Iterable, str, list[str]]:
+def _torch_backend(data: DataSet, recipe: Recipe, device: torch.device, workers: int, seed: int, mean, std,
+                   start_epoch: int = 1, start_step: int = 0, shard_id: int = 0,
+                   num_shards: int = 1) -> tuple[Iterable, Iterable, str, list[str]]:
     from fasttrain.data.torch_loader import torch_loader
     from fasttrain.data.transforms import eval_transform, train_transform
 
     files = data.kind == "folder"
     common = dict(batch_size=recipe.batch_size, device=device, workers=workers,
-                  channels_last=recipe.channels_last, seed=seed)
+                  channels_last=recipe.channels_last, seed=seed, shard_id=shard_id, num_shards=num_shards)
     notes = [] if recipe.cache != "gpu" else ["--cache gpu applies to the DALI loader only; not used"]
     return (torch_loader(data.train, train_transform(recipe, mean, std, files), train=True, start_epoch=start_epoch,
                          start_step=start_step, **common),
             torch_loader(data.val, eval_transform(recipe, mean, std, files), train=False, **common), "torch", notes)
 
 
-def _dali_backend(data: DataSet, recipe: Recipe, device: torch.device, workers: int, seed: int,
-                  mean, std, start_epoch: int = 1, start_step: int = 0) -> tuple[Iterable, Iterable, str, list[str]]:
+def _dali_backend(data: DataSet, recipe: Recipe, device: torch.device, workers: int, seed: int, mean, std,
+                  start_epoch: int = 1, start_step: int = 0, shard_id: int = 0,
+                  num_shards: int = 1) -> tuple[Iterable, Iterable, str, list[str]]:
     from fasttrain.data.dali_loader import dali_loaders
 
-    return dali_loaders(data, recipe, device, workers, seed, mean, std, start_epoch=start_epoch,
-                        start_step=start_step)
+    return dali_loaders(data, recipe, device, workers, seed, mean, std, shard_id=shard_id, num_shards=num_shards,
+                        start_epoch=start_epoch, start_step=start_step)
 
 
-# name -> factory(data, recipe, device, workers, seed, mean, std, start_epoch, start_step)
+# name -> factory(data, recipe, device, workers, seed, mean, std, start_epoch, start_step, shard_id, num_shards)
 #         -> (train, val, variant, notes)
 BACKENDS: dict[str, Callable] = {"torch": _torch_backend, "dali": _dali_backend}
 
@@ -68,21 +70,27 @@ def backend_names() -> list[str]:
 
 
 def build_loaders(data: DataSet, recipe: Recipe, device: torch.device, workers: int, seed: int,
-                  start_epoch: int = 1, start_step: int = 0) -> Loaders:
-    """Training and evaluation loaders; training starts at (start_epoch, start_step) of the data order."""
-    if len(data.train) < recipe.batch_size:
+                  start_epoch: int = 1, start_step: int = 0, shard_id: int = 0, num_shards: int = 1) -> Loaders:
+    """Training and evaluation loaders; training starts at (start_epoch, start_step) of the data order.
+
+    With shards (one per torchrun process), each loader serves its own disjoint part of every
+    epoch, all with the same number of training steps; evaluation parts together cover every
+    sample once.
+    """
+    if len(data.train) // num_shards < recipe.batch_size:
         raise UserError(f"{len(data.train)} training images make no full batch of {recipe.batch_size}; "
                         f"lower --batch-size or raise --train-limit")
     if data.kind == "synthetic":
         from fasttrain.recipes import IMAGENET_MEAN, IMAGENET_STD
-        make = lambda split, train: SyntheticLoader(split, recipe.batch_size, device, train, recipe.channels_last)  # noqa: E731
+        make = lambda split, train: SyntheticLoader(split.shard(shard_id, num_shards, train), recipe.batch_size,  # noqa: E731
+                                                    device, train, recipe.channels_last)
         return Loaders(make(data.train, True), make(data.val, False), "synthetic", IMAGENET_MEAN, IMAGENET_STD)
     from fasttrain.data.transforms import normalisation
 
     name = default_backend() if recipe.loader == "auto" else recipe.loader
     mean, std = normalisation(recipe, data)
     train, val, variant, notes = BACKENDS[name](data, recipe, device, workers, seed, mean, std, start_epoch,
-                                                start_step)
+                                                start_step, shard_id, num_shards)
     return Loaders(train, val, variant, mean, std, notes)
 
 

@@ -21,6 +21,7 @@ next epoch): raw uint8 arrays (CIFAR), or encoded file paths that DALI's own thr
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -418,12 +419,27 @@ def dali_loader(split, train: bool, recipe: Recipe, device: torch.device, thread
     return DaliLoader(build, source, recipe.channels_last, train, files=files)
 
 
+def _fixed_shard(split, shard_id: int, num_shards: int, seed: int, train: bool):
+    """A process's fixed part of a split: equal sizes for training, everything once for evaluation."""
+    if train:
+        per = len(split) // num_shards
+        order = np.random.default_rng([seed, 0]).permutation(len(split))
+        return split.take(np.sort(order[shard_id * per:(shard_id + 1) * per]))
+    return split.take(np.array_split(np.arange(len(split)), num_shards)[shard_id])
+
+
 def dali_loaders(data, recipe: Recipe, device: torch.device, threads: int, seed: int, mean, std,
                  shard_id: int = 0, num_shards: int = 1, start_epoch: int = 1,
                  start_step: int = 0) -> tuple[DaliLoader, DaliLoader, str, list[str]]:
     """Training and evaluation loaders, the variant's name and what was decided on the way."""
     import_dali()
     cache, why = choose_cache(recipe.cache, data, recipe, device)
+    if cache and num_shards > 1:
+        # the cache of each process holds its own fixed shard only; epochs reshuffle within it
+        data = dataclasses.replace(data, train=_fixed_shard(data.train, shard_id, num_shards, seed, True),
+                                   val=_fixed_shard(data.val, shard_id, num_shards, seed, False))
+        shard_id, num_shards = 0, 1
+        why += " (this process's shard)"
     common = dict(recipe=recipe, device=device, threads=threads, seed=seed, mean=mean, std=std, cache=cache,
                   shard_id=shard_id, num_shards=num_shards)
     train = dali_loader(data.train, True, start_epoch=start_epoch, start_step=start_step, **common)

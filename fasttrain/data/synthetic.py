@@ -24,6 +24,13 @@ class SyntheticSplit:
     def take(self, index: np.ndarray) -> "SyntheticSplit":
         return SyntheticSplit(len(index), self.num_classes, self.image_size, self.seed)
 
+    def shard(self, shard_id: int, num_shards: int, train: bool) -> "SyntheticSplit":
+        """This process's own samples: an equal share when training, a near-equal one for evaluation."""
+        if num_shards == 1:
+            return self
+        n = self.n // num_shards if train else len(np.array_split(np.arange(self.n), num_shards)[shard_id])
+        return SyntheticSplit(n, self.num_classes, self.image_size, self.seed * 1009 + shard_id)
+
 
 def synthetic_dataset(num_classes: int, image_size: int, n_train: int, n_val: int) -> DataSet:
     classes = [f"class_{i:03d}" for i in range(num_classes)]

@@ -103,8 +103,11 @@ class DeviceLoader:
 
 
 def torch_loader(split, transform, batch_size: int, device: torch.device, train: bool, workers: int,
-                 channels_last: bool, seed: int, start_epoch: int = 1, start_step: int = 0) -> DeviceLoader:
-    order = EpochOrder(len(split), batch_size, train, seed, start_epoch=start_epoch, start_step=start_step)
+                 channels_last: bool, seed: int, start_epoch: int = 1, start_step: int = 0, shard_id: int = 0,
+                 num_shards: int = 1) -> DeviceLoader:
+    # EpochOrder does what DistributedSampler + set_epoch do (disjoint equal shards, a new
+    # permutation each epoch from seed and epoch), and can also start mid-epoch on resume
+    order = EpochOrder(len(split), batch_size, train, seed, shard_id, num_shards, start_epoch, start_step)
     loader = DataLoader(
         ImageDataset(split, transform),
         batch_size=batch_size,
