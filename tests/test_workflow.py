@@ -83,6 +83,7 @@ def test_a_signal_finishes_the_step_saves_and_resumes(signum, code, tmp_path):
     assert done.returncode == 0, done.stderr
     rows = metrics(out)
     assert [r["epoch"] for r in rows] == [1] and rows[0]["resumed_at_step"] == ck["step"]
+    assert rows[0]["train_images"] == (30 - ck["step"]) * 4  # only the steps the interrupted run had not done
 
 
 def test_a_second_ctrl_c_stops_at_once_without_a_half_written_checkpoint(tmp_path):

@@ -83,7 +83,7 @@ def build_loaders(data: DataSet, recipe: Recipe, device: torch.device, workers: 
     if data.kind == "synthetic":
         from fasttrain.recipes import IMAGENET_MEAN, IMAGENET_STD
         make = lambda split, train: SyntheticLoader(split.shard(shard_id, num_shards, train), recipe.batch_size,  # noqa: E731
-                                                    device, train, recipe.channels_last)
+                                                    device, train, recipe.channels_last, start_step if train else 0)
         return Loaders(make(data.train, True), make(data.val, False), "synthetic", IMAGENET_MEAN, IMAGENET_STD)
     from fasttrain.data.transforms import normalisation
 

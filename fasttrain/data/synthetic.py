@@ -43,8 +43,9 @@ class SyntheticLoader:
     """Normalised-looking N(0, 1) images, already on the device; the same samples every epoch."""
 
     def __init__(self, split: SyntheticSplit, batch_size: int, device: torch.device, train: bool,
-                 channels_last: bool):
+                 channels_last: bool, start_step: int = 0):
         self.split, self.batch_size, self.device, self.train = split, batch_size, device, train
+        self.start_step = start_step  # a run resumed mid-epoch skips the batches it already trained on
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.labels = torch.as_tensor(split.labels, device=device)
 
@@ -55,7 +56,8 @@ class SyntheticLoader:
     def __iter__(self):
         s = self.split.image_size
         generator = torch.Generator(device=self.device)
-        for i in range(len(self)):
+        first, self.start_step = self.start_step, 0
+        for i in range(first, len(self)):
             start = i * self.batch_size
             stop = min(start + self.batch_size, len(self.split))
             generator.manual_seed(self.split.seed * 1_000_003 + i)
