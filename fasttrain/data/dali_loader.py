@@ -254,9 +254,7 @@ class DaliLoader:
                     delivered += 1
                     yield self._convert(batch)
                 return
-            except (RuntimeError, StopIteration) as exc:
-                if isinstance(exc, StopIteration):
-                    return
+            except RuntimeError as exc:
                 self._recover(exc, delivered)
 
     def _convert(self, batch):
