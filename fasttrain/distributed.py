@@ -66,6 +66,10 @@ def local_device(d: Dist, device: torch.device) -> torch.device:
     return device
 
 
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def sum_(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)

@@ -137,9 +137,10 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
         if step % log_every == 0 or stop:
             if worst_streak.item() >= nonfinite_patience:
                 raise NonFiniteLoss(epoch, int(first_bad.item()))
-            if observer is not None:
+            if observer is not None:  # this process's numbers; images/s for all, as shards are equal
                 elapsed = time.perf_counter() - start
-                observer.step(step, (loss_sum / seen).item(), timed_images / elapsed if elapsed > 0 else None)
+                rate = timed_images * distributed.world_size() / elapsed if elapsed > 0 else None
+                observer.step(step, (loss_sum / seen).item(), rate)
         elif observer is not None:
             observer.step(step)
         if stop:
