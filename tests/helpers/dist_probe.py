@@ -24,14 +24,15 @@ data = DataSet("cifar", "probe", [str(i) for i in range(n_train)],
                ArraySplit(rng.integers(0, 256, (n_train, 32, 32, 3), dtype=np.uint8), np.arange(n_train)),
                ArraySplit(rng.integers(0, 256, (n_val, 32, 32, 3), dtype=np.uint8), np.arange(n_val)))
 seen = {}
-for loader in ("torch", "dali"):
-    loaders = build_loaders(data, CNN_SEED.replace(loader=loader, batch_size=5), torch.device("cpu"), 0 if loader == "torch" else 1,
-                            seed=0, shard_id=d.rank, num_shards=d.world_size)
+for variant, loader, cache in (("torch", "torch", "none"), ("dali", "dali", "none"), ("dali-cache", "dali", "gpu")):
+    recipe = CNN_SEED.replace(loader=loader, batch_size=5, cache=cache)  # cache "gpu" is host memory on a CPU
+    loaders = build_loaders(data, recipe, torch.device("cpu"), 0 if loader == "torch" else 1, seed=0,
+                            shard_id=d.rank, num_shards=d.world_size)
     mine = {"train": [int(y) for _, labels in loaders.train for y in labels],
             "val": [int(y) for _, labels in loaders.val for y in labels], "steps": len(loaders.train)}
     everyone = [None] * d.world_size
     dist.all_gather_object(everyone, mine)
-    seen[loader] = everyone
+    seen[variant] = everyone
 if d.is_main:
     with open(sys.argv[1], "w") as f:
         json.dump(seen, f)
