@@ -98,6 +98,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
     first_bad = torch.full((), -1, device=device, dtype=torch.long)
     seen, timed_images, wait, compile_s, interrupted = 0, 0, 0.0, 0.0, False
     step = start_step
+    last_step = len(loader)  # the epoch's last step also gets a log line
     batches = iter(loader)
     synchronize(device)
     start = time.perf_counter()
@@ -134,7 +135,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
         else:
             timed_images += n
         stop = should_stop(step)
-        if step % log_every == 0 or stop:
+        if step % log_every == 0 or step == last_step or stop:
             if worst_streak.item() >= nonfinite_patience:
                 raise NonFiniteLoss(epoch, int(first_bad.item()))
             if observer is not None:  # this process's numbers; images/s for all, as shards are equal
