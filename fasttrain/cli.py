@@ -233,3 +233,5 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
         return session.run()
     finally:
         session.close()
+        if session.dist.is_main:
+            session.run_dir.remove_if_unused()

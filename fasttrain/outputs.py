@@ -64,6 +64,7 @@ class RunDir:
 
     def prepare(self, resume: bool) -> None:
         """Create the folder; refuse to overwrite a run unless it is being resumed."""
+        self.made = [p for p in [self.path, *self.path.parents] if not p.exists()]  # what mkdir creates
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             probe = tempfile.NamedTemporaryFile(dir=self.path, prefix=".write-test-")
@@ -75,6 +76,12 @@ class RunDir:
         if not resume and any((self.path / name).exists() for name in RUN_FILES):
             raise UserError(f"--out {self.path} holds a run already; pass --resume to continue it, "
                             f"or choose another --out")
+
+    def remove_if_unused(self) -> None:
+        """A run that stopped before writing anything leaves no empty folder it created behind."""
+        for folder in getattr(self, "made", []):  # deepest first
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
 
     def read_metrics(self) -> list[dict]:
         if not self.metrics.is_file():
