@@ -134,7 +134,10 @@ class TrainingSession:
             classes = args.num_classes or DEFAULT_CLASSES[args.command]
             data = synthetic_dataset(classes, recipe.image_size, n_train, n_val)
         else:
-            data = open_dataset(args.command, args.data, args.val_fraction)
+            # rank 0 first: a download happens once, then every other process reads the same files
+            opened = distributed.on_main(self.dist, lambda: open_dataset(args.command, args.data, args.val_fraction),
+                                         self.device)
+            data = opened if self.dist.is_main else open_dataset(args.command, args.data, args.val_fraction)
             if args.num_classes is not None and args.num_classes != data.num_classes:
                 raise UserError(f"--num-classes {args.num_classes}: the data set has {data.num_classes} classes")
         data = cap(data, args.train_limit, args.val_limit)
@@ -193,7 +196,8 @@ class TrainingSession:
 
     # ---- the run ----------------------------------------------------------------------------
 
-    def run(self) -> None:
+    def run(self) -> int:
+        """Train to the end (0), or until a signal (130/143); raises UserError or RunError."""
         recipe, device = self.recipe, self.device
         dev.configure_backends(device)
         self.data = self._dataset()
