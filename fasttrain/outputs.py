@@ -43,6 +43,18 @@ def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> 
         os.close(dir_fd)
 
 
+def folders_to_make(path: Path) -> list[Path]:
+    """The folders `path.mkdir(parents=True)` would create, deepest first."""
+    return [p for p in [path, *path.parents] if not p.exists()]
+
+
+def remove_if_empty(folders: list[Path]) -> None:
+    """Remove these folders, deepest first, as long as they are empty: a failed step leaves nothing."""
+    for folder in folders:
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
 @contextlib.contextmanager
 def _writing(what: str, where: Path):
     """A full disk or a vanished folder: one line for the user, the earlier version kept."""
@@ -61,10 +73,11 @@ class RunDir:
         self.curves = path / "curves.png"
         self.last = path / "last.pt"
         self.best = path / "best.pt"
+        self.made: list[Path] = []  # folders prepare() created, removed again if the run writes nothing
 
     def prepare(self, resume: bool) -> None:
         """Create the folder; refuse to overwrite a run unless it is being resumed."""
-        self.made = [p for p in [self.path, *self.path.parents] if not p.exists()]  # what mkdir creates
+        self.made = folders_to_make(self.path)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             probe = tempfile.NamedTemporaryFile(dir=self.path, prefix=".write-test-")
@@ -79,9 +92,7 @@ class RunDir:
 
     def remove_if_unused(self) -> None:
         """A run that stopped before writing anything leaves no empty folder it created behind."""
-        for folder in getattr(self, "made", []):  # deepest first
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
+        remove_if_empty(self.made)
 
     def read_metrics(self) -> list[dict]:
         if not self.metrics.is_file():

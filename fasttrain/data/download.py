@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fasttrain.errors import UserError
+from fasttrain.outputs import folders_to_make, remove_if_empty
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ def fetch(archive: Archive, root: Path, timeout_s: float = 30.0) -> Path:
     filename = Path(url.split("?")[0]).name
     where = (f"put the {archive.folder}/ folder from {archive.url} under {root} "
              f"(or set $FASTTRAIN_DATA / pass --data DIR)")
-    made = [p for p in [root, *root.parents] if not p.exists()]
+    made = folders_to_make(root)
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -65,8 +66,6 @@ def fetch(archive: Archive, root: Path, timeout_s: float = 30.0) -> Path:
             reason = f"MD5 of {filename} is not {archive.md5}"
         else:
             reason = str(getattr(exc, "reason", exc)) or type(exc).__name__
-        for folder in made:  # leave no empty folders behind
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
+        remove_if_empty(made)
         raise UserError(f"no {archive.name} at {root} and downloading {url} failed ({reason}); {where}") from None
     return root / archive.folder
