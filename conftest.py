@@ -5,8 +5,6 @@ A plain `pytest` run executes every benchmark once, untimed (pytest-benchmark's
 `pytest --benchmark-only` (or --benchmark-enable) times them for real.
 """
 
-import importlib.metadata
-
 import pytest
 
 
@@ -19,20 +17,13 @@ def pytest_configure(config):
 def pytest_benchmark_update_machine_info(config, machine_info):
     """Device and library versions, in the JSON next to pytest-benchmark's own machine info."""
     import torch
-    import torchvision
 
     from benchmarks.common import DEVICE
     from fasttrain.device import device_name
-
-    def version(dist):
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return None
+    from fasttrain.session import versions
 
     machine_info["fasttrain"] = {
-        "device": device_name(DEVICE), "torch": torch.__version__, "torchvision": torchvision.__version__,
-        "cuda": torch.version.cuda, "dali": version("nvidia-dali-cuda130"), "cpu_threads": torch.get_num_threads(),
+        "device": device_name(DEVICE), **versions(), "cpu_threads": torch.get_num_threads(),
         "command": " ".join(["pytest", *config.invocation_params.args]),
     }
 

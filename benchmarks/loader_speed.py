@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -74,14 +73,13 @@ def main() -> int:
         row["speedup"] = row["images_per_sec"] / base
     print("  ".join(f"{r['loader']} {r['speedup']:.2f}x" for r in rows))
     if args.out:
-        import torchvision
+        from fasttrain.session import versions
         record = {"command": "python -m benchmarks.loader_speed " + " ".join(
                       f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
                       for k, v in vars(args).items() if v is not None and k != "out"),
                   "device": device_name(device), "workers": workers, "model": args.model,
                   "batch_size": args.batch_size, "data": str(args.data) if args.data else f"{args.photos} generated 500x375 JPEGs",
-                  "train_images": len(data.train), "versions": {"python": platform.python_version(),
-                  "torch": torch.__version__, "torchvision": torchvision.__version__},
+                  "train_images": len(data.train), "versions": versions(),
                   "date": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(record, indent=2))
