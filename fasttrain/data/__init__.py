@@ -99,10 +99,9 @@ def build_eval_loader(split, from_files: bool, recipe: Recipe, device: torch.dev
     """One evaluation loader (every sample once, in order) for predict and evaluate, and its backend."""
     name = default_backend() if loader == "auto" else loader
     if name == "dali":
-        from fasttrain.data.dali_loader import dali_loader
+        from fasttrain.data.dali_loader import dali_loader, variant_name
 
-        return dali_loader(split, False, recipe, device, workers, 0, mean, std), \
-            "dali" if device.type == "cuda" else "dali-cpu"
+        return dali_loader(split, False, recipe, device, workers, 0, mean, std), variant_name(device, cache=False)
     from fasttrain.data.torch_loader import torch_loader
     from fasttrain.data.transforms import eval_transform
 

@@ -28,6 +28,16 @@ def header_problem(path: Path) -> str | None:
     return None
 
 
+def decodes(path: Path) -> bool:
+    """Whether PIL can decode the whole file: the full check, for a file a loader failed on."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except Exception:
+        return False
+    return True
+
+
 def drop_unreadable(split: FileSplit, workers: int = 8) -> tuple[FileSplit, list[tuple[Path, str]]]:
     with ThreadPoolExecutor(max_workers=workers) as pool:
         problems = list(pool.map(header_problem, split.files, chunksize=64))

@@ -30,6 +30,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from fasttrain.data.check import decodes
 from fasttrain.data.datasets import ArraySplit, FileSplit
 from fasttrain.data.order import EpochOrder
 from fasttrain.errors import UserError
@@ -271,7 +272,7 @@ class DaliLoader:
         if self.files is None or "decod" not in text.lower():
             raise UserError(f"DALI pipeline failed: {first_line}") from None
         suspects = [int(i) for batch in self.source.inflight for i in batch]
-        bad = [i for i in dict.fromkeys(suspects) if find_undecodable([self.files[i]])]
+        bad = [i for i in dict.fromkeys(suspects) if not decodes(self.files[i])]
         if not bad:
             raise UserError(f"DALI could not decode an image ({first_line}); try --loader torch") from None
         order = self.source.order
@@ -283,22 +284,6 @@ class DaliLoader:
         order.start_step = delivered   # ... from the first batch not yet delivered
         self.source.inflight.clear()
         self.iterator = self._iterator()
-
-
-def find_undecodable(files: list[Path], limit: int = 20) -> list[Path]:
-    """Files that PIL cannot fully decode: the culprits behind a DALI decoding error."""
-    from PIL import Image
-
-    bad = []
-    for path in files:
-        try:
-            with Image.open(path) as image:
-                image.load()
-        except Exception:
-            bad.append(path)
-            if len(bad) >= limit:
-                break
-    return bad
 
 
 def pipeline_builder(kind: str, recipe: Recipe, mean, std, train: bool, device: torch.device, threads: int,
@@ -417,6 +402,11 @@ def dali_loader(split, train: bool, recipe: Recipe, device: torch.device, thread
     return DaliLoader(build, source, recipe.channels_last, train, files=files)
 
 
+def variant_name(device: torch.device, cache: bool) -> str:
+    """How benchmarks and summaries name a DALI loader: dali-cache, dali (GPU) or dali-cpu."""
+    return "dali-cache" if cache else ("dali" if device.type == "cuda" else "dali-cpu")
+
+
 def _fixed_shard(split, shard_id: int, num_shards: int, seed: int, train: bool):
     """A process's fixed part of a split: equal sizes for training, everything once for evaluation."""
     if train:
@@ -442,5 +432,4 @@ def dali_loaders(data, recipe: Recipe, device: torch.device, threads: int, seed:
                   shard_id=shard_id, num_shards=num_shards)
     train = dali_loader(data.train, True, start_epoch=start_epoch, start_step=start_step, **common)
     val = dali_loader(data.val, False, **common)
-    variant = "dali-cache" if cache else ("dali" if device.type == "cuda" else "dali-cpu")
-    return train, val, variant, [why]
+    return train, val, variant_name(device, cache), [why]
