@@ -8,6 +8,7 @@ and run in bf16 autocast on a GPU.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,9 +127,9 @@ def evaluate_checkpoint(checkpoint: Path, data: Path | None, out: Path, device_n
     trained = load_trained(checkpoint, device, batch_size)
     dataset = open_dataset(trained.model_name, data)
     if dataset.classes != trained.classes:
+        first = next((a, b) for a, b in itertools.zip_longest(dataset.classes, trained.classes) if a != b)
         raise UserError(f"--data {data}: its {dataset.num_classes} classes differ from the checkpoint's "
-                        f"{len(trained.classes)} (first difference: "
-                        f"{next((a, b) for a, b in zip(dataset.classes + [None] * 999, trained.classes + [None] * 999) if a != b)})")
+                        f"{len(trained.classes)} (first difference: data {first[0]!r}, checkpoint {first[1]!r})")
     split = dataset.val
     bad = []
     if isinstance(split, FileSplit):

@@ -56,6 +56,25 @@ class PlainReporter:
         pass
 
 
+class SilentReporter:
+    """Shows nothing: every torchrun process but rank 0."""
+
+    def print(self, text: str) -> None:
+        pass
+
+    def start_epoch(self, epoch: int, epochs: int, steps: int) -> "SilentReporter":
+        return self
+
+    def step(self, done: int, loss: float | None = None, images_per_sec: float | None = None) -> None:
+        pass
+
+    def end_epoch(self, row: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class RichReporter:
     """A live epoch table above a per-epoch progress bar with images/s, loss and ETA."""
 

@@ -27,32 +27,13 @@ from fasttrain.data.check import check_files
 from fasttrain.errors import RunError, UserError
 from fasttrain.models import DEFAULT_CLASSES, build_model, trainable_parameters
 from fasttrain.outputs import RunDir, load_checkpoint
-from fasttrain.progress import make_reporter
+from fasttrain.progress import SilentReporter, make_reporter
 from fasttrain.recipes import Recipe, override, recipe_from_dict
 from fasttrain.train import EpochRecord, Interrupted, NonFiniteLoss, fit, make_optimizer, make_scheduler
 
 
 SHOW_SKIPPED = 5  # damaged files named on screen; all of them go to skipped.txt
 STOP_CHECK = 20   # under torchrun, ranks agree on a requested stop every this many steps
-
-
-class SilentReporter:
-    """Ranks other than 0 show nothing."""
-
-    def print(self, text: str) -> None:
-        pass
-
-    def start_epoch(self, epoch: int, epochs: int, steps: int) -> "SilentReporter":
-        return self
-
-    def step(self, done: int, loss: float | None = None, images_per_sec: float | None = None) -> None:
-        pass
-
-    def end_epoch(self, row: dict) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def _rng_state() -> dict:
