@@ -7,122 +7,21 @@ or builds batches. Loaders (torch baseline, DALI, synthetic) consume these split
 from __future__ import annotations
 
 import os
-import pickle
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from fasttrain.data import download
+from fasttrain.data.cifar import find_cifar_dir, load_cifar, read_cifar_split  # noqa: F401
+from fasttrain.data.splits import ArraySplit, DataSet, FileSplit  # noqa: F401
 from fasttrain.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 CUB_FILES = ("images.txt", "image_class_labels.txt", "train_test_split.txt")
 
 
-@dataclass
-class ArraySplit:
-    """Decoded images held in memory: CIFAR's uint8 arrays, HWC."""
-
-    images: np.ndarray  # (N, H, W, 3) uint8
-    labels: np.ndarray  # (N,) int64
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def take(self, index: np.ndarray) -> "ArraySplit":
-        return ArraySplit(self.images[index], self.labels[index])
-
-
-@dataclass
-class FileSplit:
-    """Encoded image files and their labels, in data-set order."""
-
-    files: list[Path]
-    labels: np.ndarray  # (N,) int64
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def take(self, index: np.ndarray) -> "FileSplit":
-        return FileSplit([self.files[i] for i in index], self.labels[index])
-
-
-@dataclass
-class DataSet:
-    kind: str            # "cifar", "folder" or "synthetic"
-    layout: str          # how it was found: "cifar-100-python", "train/val", "class folders", "CUB_200_2011", ...
-    classes: list[str]
-    train: ArraySplit | FileSplit | None
-    val: ArraySplit | FileSplit | None
-    root: Path | None = None
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    def describe(self) -> str:
-        where = f" at {self.root}" if self.root else ""
-        return (f"{self.kind} ({self.layout}){where}: {len(self.train)} train / {len(self.val)} val images, "
-                f"{self.num_classes} classes")
-
-
 def default_root() -> Path:
     return Path(os.environ.get("FASTTRAIN_DATA", "./data"))
-
-
-# --------------------------------------------------------------------------------------------
-# CIFAR-100 python pickles
-
-
-def _find_cifar_dir(path: Path) -> Path | None:
-    for candidate in (path, path / "cifar-100-python"):
-        if (candidate / "train").is_file() and (candidate / "test").is_file():
-            return candidate
-    return None
-
-
-def _read_pickle(path: Path) -> dict:
-    try:
-        with open(path, "rb") as f:
-            record = pickle.load(f, encoding="bytes")
-    except Exception as exc:
-        raise UserError(f"{path}: not a CIFAR-100 python pickle ({type(exc).__name__}: {exc})") from None
-    if not isinstance(record, dict):
-        raise UserError(f"{path}: not a CIFAR-100 python pickle (holds a {type(record).__name__}, not a dict)")
-    return {k.decode() if isinstance(k, bytes) else k: v for k, v in record.items()}
-
-
-def read_cifar_split(path: Path, labels_required: bool = True) -> ArraySplit:
-    """One pickle: a training or test split, or (labels_required=False) unlabelled images to predict."""
-    record = _read_pickle(path)
-    labels = record.get("fine_labels", record.get("labels"))
-    if "data" not in record or (labels is None and labels_required):
-        raise UserError(f"{path}: not a CIFAR-100 python pickle (no 'data' and 'fine_labels' entries)")
-    if labels is None:
-        labels = [0] * len(record["data"])
-    data = np.asarray(record["data"], dtype=np.uint8)
-    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
-        raise UserError(f"{path}: not a CIFAR-100 python pickle ('data' is {data.shape}, expected "
-                        f"({len(labels)}, 3072))")
-    # rows are 1024 red, 1024 green, 1024 blue values: CHW planes -> HWC, the layout loaders crop
-    images = np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-    return ArraySplit(images, np.asarray(labels, dtype=np.int64))
-
-
-def load_cifar(path: Path) -> DataSet:
-    root = _find_cifar_dir(path)
-    if root is None:
-        raise UserError(f"{path}: no CIFAR-100 'train' and 'test' pickles here or in {path / 'cifar-100-python'}")
-    train, val = read_cifar_split(root / "train"), read_cifar_split(root / "test")
-    num = int(max(train.labels.max(), val.labels.max())) + 1
-    classes = [str(i) for i in range(num)]
-    if (root / "meta").is_file():
-        names = _read_pickle(root / "meta").get("fine_label_names")
-        if names and len(names) >= num:
-            classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
-    return DataSet("cifar", "cifar-100-python", classes, train, val, root)
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,7 +142,7 @@ def open_dataset(model: str, data: Path | None, val_fraction: float = 0.1) -> Da
     path = data
     if path.is_file():
         raise UserError(f"--data {path}: a file; pass the folder that holds the data set")
-    if _find_cifar_dir(path) is not None:
+    if find_cifar_dir(path) is not None:
         return load_cifar(path)
     if _find_cub_dir(path) is not None:
         return load_cub(_find_cub_dir(path))
@@ -258,7 +157,7 @@ def open_dataset(model: str, data: Path | None, val_fraction: float = 0.1) -> Da
 def _own_dataset(model: str, root: Path) -> DataSet:
     """The model's own data set under root, downloaded and verified when it is not there yet."""
     if model == "cnn":
-        if _find_cifar_dir(root) is None:
+        if find_cifar_dir(root) is None:
             download.fetch(download.CIFAR100, root)
         return load_cifar(root)
     if _find_cub_dir(root) is None:
