@@ -13,6 +13,7 @@ import torch
 from pathlib import Path
 
 
+from fasttrain.data.decode import DEFAULT_MAX_PIXELS
 from fasttrain.errors import RunError, UserError
 from fasttrain.recipes import Recipe, get_recipe, override
 
@@ -86,13 +87,22 @@ def _add_train_flags(p: argparse.ArgumentParser, model: str) -> None:
     p.add_argument("--out", type=Path, help="run folder (default runs/<model>-<timestamp>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--summary", action="store_true", help="print the layers and parameter counts, then exit")
-    p.add_argument("--strict", action="store_true", help="refuse damaged image files (exit 2) instead of skipping them")
+    p.add_argument("--strict", action="store_true",
+                   help="decode every image file fully before training and refuse damaged ones (exit 2) "
+                        "instead of leaving them out")
+    _add_max_pixels(p)
     p.add_argument("--sync-bn", action=flag, default=False,
                    help="under torchrun: BatchNorm statistics over the global batch (default: per process)")
     if model == "resnet":
         p.add_argument("--finetune", action=flag, default=False,
                        help="train every layer (default: only the new head, backbone frozen)")
         p.add_argument("--weights", help="imagenet (default; torchvision's cache), none, or PATH to a state dict")
+
+
+def _add_max_pixels(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-image-pixels", type=_non_negative_int, metavar="N", default=DEFAULT_MAX_PIXELS,
+                   help=f"leave out images of more pixels, a guard against decompression bombs "
+                        f"(default {DEFAULT_MAX_PIXELS:,}, where Pillow refuses; 0 allows any size)")
 
 
 def _add_inference_flags(p: argparse.ArgumentParser) -> None:
@@ -102,6 +112,7 @@ def _add_inference_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=256)
     p.add_argument("--workers", type=_non_negative_int, help="DataLoader processes / DALI threads")
     p.add_argument("--loader", choices=backend_names(), default="auto")
+    _add_max_pixels(p)
 
 
 def build_parser() -> argparse.ArgumentParser:

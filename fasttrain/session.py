@@ -23,7 +23,7 @@ from fasttrain import device as dev
 from fasttrain import distributed
 from fasttrain.data import build_loaders, cap, open_dataset, synthetic_dataset
 from fasttrain.data.synthetic import SYNTHETIC_SIZES
-from fasttrain.data.check import check_files
+from fasttrain.data.index import shown, verify
 from fasttrain.errors import RunError, UserError
 from fasttrain.models import DEFAULT_CLASSES, build_model, trainable_parameters
 from fasttrain.outputs import RunDir, load_checkpoint
@@ -116,37 +116,63 @@ class TrainingSession:
             data = synthetic_dataset(classes, recipe.image_size, n_train, n_val)
         else:
             # rank 0 first: a download happens once, then every other process reads the same files
-            opened = distributed.on_main(self.dist, lambda: open_dataset(args.command, args.data, args.val_fraction),
-                                         self.device)
-            data = opened if self.dist.is_main else open_dataset(args.command, args.data, args.val_fraction)
+            open_ = lambda: open_dataset(args.command, args.data, args.val_fraction,  # noqa: E731
+                                         max_pixels=args.max_image_pixels or None)
+            opened = distributed.on_main(self.dist, open_, self.device)
+            data = opened if self.dist.is_main else open_()
             if args.num_classes is not None and args.num_classes != data.num_classes:
                 raise UserError(f"--num-classes {args.num_classes}: the data set has {data.num_classes} classes")
         data = cap(data, args.train_limit, args.val_limit)
-        bad = check_files(data)
-        if bad and args.strict:
-            more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
-            raise UserError(f"--strict: {bad[0][0]} is {bad[0][1]}{more}; fix or remove the damaged files, "
-                            f"or drop --strict to skip them")
-        for path, reason in bad:
-            self._skip(path, reason)
-        if not len(data.train) or not len(data.val):
-            raise UserError(f"{data.root}: no readable images left in {'train' if not len(data.train) else 'val'}")
+        if args.strict and data.kind == "folder":
+            self._strict(data)
         if self.checkpoint is not None and list(self.checkpoint["classes"]) != list(data.classes):
             raise UserError(f"{self.run_dir.last}: trained on {len(self.checkpoint['classes'])} classes that differ "
                             f"from the data's {data.num_classes}; resume with the same data set")
         return data
 
-    def _skip(self, path: Path, reason: str) -> None:
-        """A damaged file left out: on screen for the first few, every one in skipped.txt."""
+    def _strict(self, data) -> None:
+        """--strict: every file left out for damage, and every used file fully decoded first; any damage is exit 2."""
+        damaged = [(p, detail) for p, category, detail in data.left_out
+                   if category in ("damaged", "empty", "unreadable", "too large", "not an image")]
+        damaged += verify(list(data.train.files) + list(data.val.files), data.root, self.recipe.workers or None)
+        if damaged:
+            more = f" and {len(damaged) - 1} more" if len(damaged) > 1 else ""
+            raise UserError(f"--strict: {shown(damaged[0][0])}: {damaged[0][1]}{more}; fix or remove the damaged "
+                            f"files, or drop --strict to leave them out")
+
+    def _record_left_out(self) -> None:
+        """skipped.txt lists every file of the data folder that is not used, and why; the screen shows
+        counts by reason and the first few names."""
+        data = self.data
+        if not self.dist.is_main or not (data.left_out or data.ignored):
+            return
+        with open(self.run_dir.path / "skipped.txt", "w", encoding="utf-8", errors="backslashreplace") as f:
+            for path, category, detail in data.left_out:
+                f.write(f"{shown(path)}\t{category}\t{detail}\n")
+            for path, rule in data.ignored:
+                f.write(f"{shown(path)}\tignored\t{rule}\n")
+        counts = data.file_counts()
+        parts = [f"{n} {why}" for why, n in counts["left_out"].items()]
+        parts += [f"{n} ignored ({why})" for why, n in counts["ignored"].items()]
+        self.notes.append(f"files not used: {', '.join(parts)}; every one listed in "
+                          f"{shown(self.run_dir.path / 'skipped.txt')}")
+        for path, _, detail in data.left_out[:SHOW_SKIPPED]:
+            self.notes.append(f"left out {shown(path)}: {detail}")
+        self.skipped_named = min(len(data.left_out), SHOW_SKIPPED)
+
+    def _skip(self, split: str, path: Path, reason: str) -> None:
+        """A file a loader found undecodable: left out from now on, named, and added to skipped.txt."""
+        if not self.data.record_failure(split, path, reason):
+            return
         self.skipped.append(path)
         if not self.dist.is_main:
             return
-        with open(self.run_dir.path / "skipped.txt", "a") as f:
-            f.write(f"{path}\t{reason}\n")
+        with open(self.run_dir.path / "skipped.txt", "a", encoding="utf-8", errors="backslashreplace") as f:
+            f.write(f"{shown(path)}\tdamaged\t{reason}\n")
         if len(self.skipped) <= SHOW_SKIPPED:
-            self._say(f"skipped {path}: {reason}")
+            self._say(f"skipped {shown(path)}: {reason}")
         elif len(self.skipped) == SHOW_SKIPPED + 1:
-            self._say(f"skipping more damaged files: all in {self.run_dir.path / 'skipped.txt'}")
+            self._say(f"skipping more damaged files: all in {shown(self.run_dir.path / 'skipped.txt')}")
 
     def _say(self, text: str) -> None:
         if not self.dist.is_main:
@@ -190,11 +216,9 @@ class TrainingSession:
         ck = self.checkpoint
         start_epoch = ck["epoch"] + 1 if ck else 1
         start_step = ck.get("step", 0) if ck else 0
+        self._record_left_out()
         self.loaders = build_loaders(self.data, recipe, device, self.workers, self.args.seed, start_epoch, start_step,
-                                     shard_id=self.dist.rank, num_shards=self.dist.world_size)
-        for loader in (self.loaders.train, self.loaders.val):
-            if hasattr(loader, "on_skip"):
-                loader.on_skip.append(self._skip)
+                                     shard_id=self.dist.rank, num_shards=self.dist.world_size, on_skip=self._skip)
         self.model = self._model(self.data.num_classes)
         # the recipe's lr is for its batch on one GPU; the global batch is world_size times that
         optimizer = make_optimizer(trainable_parameters(self.model),
@@ -382,7 +406,7 @@ class TrainingSession:
             "mean_images_per_sec": images / seconds if seconds else None,
             "mean_data_wait_fraction": (sum(r["data_wait_fraction"] * r["epoch_time_s"] for r in rows) / seconds
                                         if seconds else None),
-            "skipped_files": len(self.skipped), "seed": self.args.seed,
+            "skipped_files": len(self.skipped), "files": self.data.file_counts(), "seed": self.args.seed,
             "determinism": self._determinism(),
         })
 

@@ -85,3 +85,11 @@ def cub_root(tmp_path_factory) -> Path:
                            ("classes.txt", [f"{i + 1} {n}" for i, n in enumerate(names)])):
         (root / filename).write_text("\n".join(rows) + "\n")
     return root.parent
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _index_cache(tmp_path_factory):
+    """The data index and decoded copies go to a folder of this test session, never the user's cache."""
+    import os
+
+    os.environ["FASTTRAIN_CACHE"] = str(tmp_path_factory.mktemp("fasttrain-cache"))

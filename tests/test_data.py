@@ -102,7 +102,8 @@ def test_dataset_mean_std_of_arrays():
     images = np.zeros((2, 4, 4, 3), np.uint8)
     images[0, ..., 0] = 255
     from fasttrain.data.datasets import ArraySplit
-    mean, std = dataset_mean_std(ArraySplit(images, np.zeros(2, np.int64)), 32)
+    mean, std, bad = dataset_mean_std(ArraySplit(images, np.zeros(2, np.int64)), 32)
+    assert bad == []
     assert mean[0] == pytest.approx(0.5) and std[0] == pytest.approx(0.5)
     assert mean[1] == 0 and std[1] == pytest.approx(1e-3)  # flat channels are not divided by zero
 

@@ -119,28 +119,34 @@ def test_a_full_disk_keeps_the_previous_checkpoint(cifar_root, tmp_path, monkeyp
 
 
 def test_damaged_files_are_skipped_and_named_or_refused_with_strict(tmp_path, capsys):
+    data = tmp_path / "data"
     for split, n in (("train", 4), ("val", 2)):
         for label, name in enumerate(("a", "b")):
-            (tmp_path / split / name).mkdir(parents=True)
+            (data / split / name).mkdir(parents=True)
             for i in range(n):
-                class_image(label, i).save(tmp_path / split / name / f"{i}.jpg")
-    text = tmp_path / "train" / "a" / "notes.jpg"
+                class_image(label, i).save(data / split / name / f"{i}.jpg")
+    text = data / "train" / "a" / "notes.jpg"
     text.write_text("this is a text file with a .jpg name")
-    truncated = tmp_path / "train" / "b" / "1.jpg"
-    truncated.write_bytes(truncated.read_bytes()[:250])
-    args = ["resnet", "--data", str(tmp_path), "--weights", "none", "--device", "cpu", "--epochs", "1",
+    truncated = data / "train" / "b" / "1.jpg"
+    truncated.write_bytes(truncated.read_bytes()[:-300])  # header intact, scan data cut short
+    args = ["resnet", "--data", str(data), "--weights", "none", "--device", "cpu", "--epochs", "1",
             "--batch-size", "2", "--workers", "0"]
     for loader in ("torch", "dali"):
         out = tmp_path / f"run-{loader}"
         assert main([*args, "--loader", loader, "--out", str(out)]) == 0
         printed = capsys.readouterr().out
-        assert f"skipped {text}" in printed and f"skipped {truncated}" in printed
+        # the header says notes.jpg is no image before training; the truncated JPEG fails mid-epoch
+        assert f"left out {text}: not an image" in printed and f"skipped {truncated}: cannot be decoded" in printed
         listed = (out / "skipped.txt").read_text()
         assert str(text) in listed and str(truncated) in listed
-        assert json.loads((out / "summary.json").read_text())["skipped_files"] == 2
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["skipped_files"] == 1
+        files = summary["files"]
+        assert files["left_out"] == {"not an image": 1, "damaged": 1} and files["train"] == 7 and files["val"] == 4
+        assert files["found"] == 13  # 8 + 4 images and notes.jpg: every file is counted once
     assert main([*args, "--strict", "--out", str(tmp_path / "strict")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--strict" in err[0] and "notes.jpg" in err[0]
+    assert len(err) == 1 and "--strict" in err[0] and "notes.jpg" in err[0] and "1 more" in err[0]
 
 
 def test_a_persistent_nonfinite_loss_stops_the_run(cifar_root, tmp_path, capsys):

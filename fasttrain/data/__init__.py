@@ -9,6 +9,7 @@ sample exactly once. The training loop never knows which backend made a batch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
@@ -30,12 +31,12 @@ class Loaders:
 
 
 def _torch_backend(data: DataSet, recipe: Recipe, device: torch.device, workers: int, seed: int, mean, std,
-                   start_epoch: int = 1, start_step: int = 0, shard_id: int = 0,
-                   num_shards: int = 1) -> tuple[Iterable, Iterable, str, list[str]]:
+                   start_epoch: int = 1, start_step: int = 0, shard_id: int = 0, num_shards: int = 1,
+                   on_skip=None) -> tuple[Iterable, Iterable, str, list[str]]:
     from fasttrain.data.torch_loader import torch_loader
     from fasttrain.data.transforms import eval_transform, train_transform
 
-    files = data.kind == "folder"
+    files = data.kind == "folder"  # the DataLoader finds damaged files only mid-epoch: on_skip is the loaders'
     common = dict(batch_size=recipe.batch_size, device=device, workers=workers,
                   channels_last=recipe.channels_last, seed=seed, shard_id=shard_id, num_shards=num_shards)
     notes = [] if recipe.cache != "gpu" else ["--cache gpu applies to the DALI loader only; not used"]
@@ -45,16 +46,16 @@ def _torch_backend(data: DataSet, recipe: Recipe, device: torch.device, workers:
 
 
 def _dali_backend(data: DataSet, recipe: Recipe, device: torch.device, workers: int, seed: int, mean, std,
-                  start_epoch: int = 1, start_step: int = 0, shard_id: int = 0,
-                  num_shards: int = 1) -> tuple[Iterable, Iterable, str, list[str]]:
+                  start_epoch: int = 1, start_step: int = 0, shard_id: int = 0, num_shards: int = 1,
+                  on_skip=None) -> tuple[Iterable, Iterable, str, list[str]]:
     from fasttrain.data.dali_loader import dali_loaders
 
     return dali_loaders(data, recipe, device, workers, seed, mean, std, shard_id=shard_id, num_shards=num_shards,
-                        start_epoch=start_epoch, start_step=start_step)
+                        start_epoch=start_epoch, start_step=start_step, on_skip=on_skip)
 
 
-# name -> factory(data, recipe, device, workers, seed, mean, std, start_epoch, start_step, shard_id, num_shards)
-#         -> (train, val, variant, notes)
+# name -> factory(data, recipe, device, workers, seed, mean, std, start_epoch, start_step, shard_id, num_shards,
+#                 on_skip) -> (train, val, variant, notes)
 BACKENDS: dict[str, Callable] = {"torch": _torch_backend, "dali": _dali_backend}
 
 
@@ -70,12 +71,15 @@ def backend_names() -> list[str]:
 
 
 def build_loaders(data: DataSet, recipe: Recipe, device: torch.device, workers: int, seed: int,
-                  start_epoch: int = 1, start_step: int = 0, shard_id: int = 0, num_shards: int = 1) -> Loaders:
+                  start_epoch: int = 1, start_step: int = 0, shard_id: int = 0, num_shards: int = 1,
+                  on_skip: Callable[[str, Path, str], None] | None = None) -> Loaders:
     """Training and evaluation loaders; training starts at (start_epoch, start_step) of the data order.
 
     With shards (one per torchrun process), each loader serves its own disjoint part of every
     epoch, all with the same number of training steps; evaluation parts together cover every
-    sample once.
+    sample once. on_skip(split, path, reason) hears of every file found undecodable: here (the
+    mean/std pass, the DALI cache) and later mid-epoch (each loader's own `on_skip` list, filled
+    here). Files found here are dropped from `data` with their labels; the loaders leave out the rest.
     """
     if len(data.train) // num_shards < recipe.batch_size:
         raise UserError(f"{len(data.train)} training images make no full batch of {recipe.batch_size}; "
@@ -88,9 +92,16 @@ def build_loaders(data: DataSet, recipe: Recipe, device: torch.device, workers: 
     from fasttrain.data.transforms import normalisation
 
     name = default_backend() if recipe.loader == "auto" else recipe.loader
-    mean, std = normalisation(recipe, data)
+    mean, std, bad = normalisation(recipe, data)
+    for path, reason in bad:
+        data.drop([path], "damaged", reason)
+        if on_skip is not None:
+            on_skip("train", path, reason)
     train, val, variant, notes = BACKENDS[name](data, recipe, device, workers, seed, mean, std, start_epoch,
-                                                start_step, shard_id, num_shards)
+                                                start_step, shard_id, num_shards, on_skip)
+    for split, loader in (("train", train), ("val", val)):
+        if on_skip is not None and hasattr(loader, "on_skip") and name == "torch":
+            loader.on_skip.append(lambda path, reason, split=split: on_skip(split, path, reason))
     return Loaders(train, val, variant, mean, std, notes)
 
 

@@ -22,7 +22,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
+import errno
+import hashlib
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -30,8 +34,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from fasttrain.data.check import decodes
-from fasttrain.data.datasets import ArraySplit, FileSplit
+from fasttrain.data.decode import decode_failure, open_rgb
+from fasttrain.data.index import cache_dir, shown
+from fasttrain.data.splits import ArraySplit, FileSplit
 from fasttrain.data.order import EpochOrder
 from fasttrain.errors import UserError
 from fasttrain.recipes import Recipe
@@ -190,10 +195,74 @@ def device_arrays(images: torch.Tensor, labels: np.ndarray):
     return fetch
 
 
-def file_paths(files: list[Path], labels: np.ndarray):
-    """Encoded paths for fn.io.file.read: DALI's threads read the files, in our order."""
-    encoded = [np.frombuffer(str(f).encode(), dtype=np.uint8) for f in files]
-    return lambda index: ([encoded[i] for i in index], labels[index, None])
+class FilePaths:
+    """Fetch for fn.io.file.read: the encoded paths of a batch, and its labels; DALI's threads read the files.
+
+    Paths are bytes to the OS: os.fsencode keeps names that are not valid UTF-8 as they are on disk.
+    """
+
+    def __init__(self, files: list[Path], labels: np.ndarray):
+        self.encoded = [np.frombuffer(os.fsencode(f), dtype=np.uint8) for f in files]
+        self.labels = labels
+
+    def replace(self, i: int, path: Path) -> None:
+        self.encoded[i] = np.frombuffer(os.fsencode(path), dtype=np.uint8)
+
+    def __call__(self, index: np.ndarray):
+        return [self.encoded[i] for i in index], self.labels[index, None]
+
+
+file_paths = FilePaths
+
+
+def _transcoded(path: Path) -> Path:
+    """Where the decode policy's pixels of `path` are kept as a lossless PNG, keyed by path, size and mtime."""
+    st = os.stat(path)
+    key = hashlib.sha1(os.fsencode(os.path.realpath(path)) + f"|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+    return cache_dir() / "decoded" / key[:2] / f"{key}.png"
+
+
+def _transcode(path: Path) -> Path | str:
+    """The PNG DALI reads instead of `path` (made once), or why `path` cannot be decoded."""
+    try:
+        target = _transcoded(path)
+        if not target.is_file():
+            image = open_rgb(path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+            image.save(tmp, format="PNG", compress_level=1)
+            os.replace(tmp, target)
+        return target
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError) or exc.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS):
+            if not Path(path).exists():
+                return "cannot be read (it disappeared)"
+            raise UserError(f"cannot write decoded copies of {shown(path)} to {cache_dir() / 'decoded'} "
+                            f"({exc.strerror}); set FASTTRAIN_CACHE to a writable folder, or use --loader torch") \
+                from None
+        return decode_failure(exc)
+    except Exception as exc:
+        return decode_failure(exc)
+
+
+def dali_files(split: FileSplit, threads: int) -> tuple[list[Path], list[tuple[int, str]]]:
+    """The file DALI reads for each sample, and (index, reason) for samples that cannot be decoded.
+
+    Files whose pixels DALI's decoder would not give as the decode policy does (split.host_decode:
+    GIFs, CMYK, 16-bit, TIFF...) are decoded once by the policy and handed to DALI as lossless PNGs,
+    so DALI and the DataLoader see the same pixels.
+    """
+    files = list(split.files)
+    host = np.flatnonzero(split.host_decode) if split.host_decode is not None else []
+    bad = []
+    if len(host):
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            for i, result in zip(host, pool.map(_transcode, [files[i] for i in host])):
+                if isinstance(result, str):
+                    bad.append((int(i), result))
+                else:
+                    files[i] = result
+    return files, bad
 
 
 def _external(fn, source: BatchSource, placement: Placement, layout: str):
@@ -230,9 +299,10 @@ class DaliLoader:
     """
 
     def __init__(self, build: Callable, source: BatchSource, channels_last: bool, train: bool,
-                 files: list[Path] | None = None, raw: bool = False):
+                 files: list[Path] | None = None, raw: bool = False, names: list[Path] | None = None):
         self.build, self.source, self.channels_last, self.train = build, source, channels_last, train
         self.files, self.raw = files, raw
+        self.names = names if names is not None else files  # the user's file behind each file DALI reads
         self.batch_size = source.order.batch_size
         self.on_skip: list[Callable[[Path, str], None]] = []
         self.iterator = self._iterator()
@@ -271,19 +341,37 @@ class DaliLoader:
         first_line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
         if self.files is None or "decod" not in text.lower():
             raise UserError(f"DALI pipeline failed: {first_line}") from None
-        suspects = [int(i) for batch in self.source.inflight for i in batch]
-        bad = [i for i in dict.fromkeys(suspects) if not decodes(self.files[i])]
+        suspects = list(dict.fromkeys(int(i) for batch in self.source.inflight for i in batch))
+        bad = [(i, why) for i in suspects if (why := _decode_problem(self.names[i])) is not None]
         if not bad:
-            raise UserError(f"DALI could not decode an image ({first_line}); try --loader torch") from None
+            # every suspect decodes with the policy, so DALI's decoder refused one that Pillow reads
+            # (a PNG without its end chunk, say): decode the suspects the policy's way, then go on
+            fresh = [i for i in suspects if self.files[i] == self.names[i]]
+            if not fresh or not isinstance(self.source.fetch, FilePaths):
+                named = ", ".join(shown(self.names[i]) for i in suspects)[:400]
+                raise UserError(f"DALI could not decode an image among {named} ({first_line}); "
+                                f"try --loader torch") from None
+            for i in fresh:
+                self.files[i] = _transcode(self.names[i])
+                self.source.fetch.replace(i, self.files[i])
         order = self.source.order
-        for i in bad:
+        for i, why in bad:
             order.excluded.add(i)
             for callback in self.on_skip:
-                callback(self.files[i], "cannot be decoded")
+                callback(self.names[i], why)
         order.epoch -= 1               # next_epoch() gives the same epoch again ...
         order.start_step = delivered   # ... from the first batch not yet delivered
         self.source.inflight.clear()
         self.iterator = self._iterator()
+
+
+def _decode_problem(path: Path) -> str | None:
+    """Why the decode policy cannot decode this file, or None: the full check for a suspect file."""
+    try:
+        open_rgb(path)
+    except Exception as exc:
+        return decode_failure(exc)
+    return None
 
 
 def pipeline_builder(kind: str, recipe: Recipe, mean, std, train: bool, device: torch.device, threads: int,
@@ -323,16 +411,25 @@ def pipeline_builder(kind: str, recipe: Recipe, mean, std, train: bool, device: 
     return build
 
 
-def decode_to_device(split: FileSplit, recipe: Recipe, device: torch.device, threads: int) -> torch.Tensor | np.ndarray:
+def decode_to_device(split: FileSplit, recipe: Recipe, device: torch.device, threads: int,
+                     on_skip: Callable[[Path, str], None] | None = None):
     """Decode every file once: shorter side to the evaluation size, centre square, uint8 HWC, on the device.
 
+    Returns (images, kept): images (len(kept), S, S, 3) uint8 (a device tensor on CUDA, else a
+    numpy array), row r holding sample kept[r] of the split. A file that fails to decode is named
+    to on_skip(path, reason) and has no row, so no image ever sits under another image's label.
     The square keeps the tensor dense (one index per batch); evaluation crops inside it, so eval
     batches are the same as from files; training crops see the central square of each photo.
     """
     dali, fn, types, _ = import_dali()
     placement = Placement.for_device(device)
     size = cache_size(recipe)
-    source = BatchSource(EpochOrder(len(split), 256, train=False, seed=0), file_paths(split.files, split.labels))
+    files, bad = dali_files(split, threads)
+    # the sample's own index travels as its label, so each decoded image lands in its own row
+    source = BatchSource(EpochOrder(len(split), 256, train=False, seed=0),
+                         file_paths(files, np.arange(len(split), dtype=np.int64)))
+    for i, _ in bad:
+        source.order.excluded.add(i)
 
     def build(source):
         @dali.pipeline_def
@@ -344,13 +441,21 @@ def decode_to_device(split: FileSplit, recipe: Recipe, device: torch.device, thr
         pipe.build()
         return pipe
 
-    loader = DaliLoader(build, source, channels_last=True, train=False, files=list(split.files), raw=True)
+    loader = DaliLoader(build, source, channels_last=True, train=False, files=files, raw=True,
+                        names=list(split.files))
+    position = {path: i for i, path in enumerate(split.files)}
+    loader.on_skip.append(lambda path, reason: bad.append((position[path], reason)))
     out = torch.empty((len(split), size, size, 3), dtype=torch.uint8, device=device)
-    filled = 0
-    for images, _ in loader:
-        out[filled:filled + len(images)] = images
-        filled += len(images)
-    return out if device.type == "cuda" else out.numpy()
+    filled = torch.zeros(len(split), dtype=torch.bool, device=device)
+    for images, rows in loader:
+        out[rows] = images
+        filled[rows] = True
+    for i, reason in bad:
+        if on_skip is not None:
+            on_skip(split.files[i], reason)
+    kept = torch.nonzero(filled).view(-1).cpu().numpy()
+    images = out[torch.as_tensor(kept, device=device)] if len(kept) < len(split) else out
+    return (images if device.type == "cuda" else images.numpy()), kept
 
 
 def cache_bytes(data, recipe: Recipe) -> int:
@@ -380,8 +485,24 @@ def choose_cache(mode: str, data, recipe: Recipe, device: torch.device) -> tuple
 
 def dali_loader(split, train: bool, recipe: Recipe, device: torch.device, threads: int, seed: int, mean, std,
                 cache: bool = False, shard_id: int = 0, num_shards: int = 1, start_epoch: int = 1,
-                start_step: int = 0) -> DaliLoader:
-    """One split's loader: training (shuffled, whole batches) or evaluation (every sample, in order)."""
+                start_step: int = 0, on_skip: Callable[[Path, str], None] | None = None) -> DaliLoader:
+    """One split's loader: training (shuffled, whole batches) or evaluation (every sample, in order).
+
+    on_skip(path, reason) hears of every file found undecodable, while the loader is built (the
+    cache, files decoded by the policy) and later mid-epoch; the loader leaves it out, label too.
+    """
+    tell = [on_skip] if on_skip is not None else []
+    if cache and isinstance(split, FileSplit):
+        decoded, kept = decode_to_device(split, recipe, device, threads, on_skip)
+        split = FileSplit([split.files[i] for i in kept], split.labels[kept])
+        kind = "cache"
+        fetch = device_arrays(decoded, split.labels) if device.type == "cuda" else host_arrays(decoded, split.labels)
+        source = BatchSource(EpochOrder(len(split), recipe.batch_size, train, seed, shard_id, num_shards,
+                                        start_epoch, start_step), fetch, on_device=device.type == "cuda")
+        loader = DaliLoader(pipeline_builder(kind, recipe, mean, std, train, device, threads, seed), source,
+                            recipe.channels_last, train)
+        loader.on_skip += tell
+        return loader
     order = EpochOrder(len(split), recipe.batch_size, train, seed, shard_id, num_shards, start_epoch, start_step)
     files = None
     if isinstance(split, ArraySplit):
@@ -391,15 +512,18 @@ def dali_loader(split, train: bool, recipe: Recipe, device: torch.device, thread
                                  on_device=True)
         else:
             source = BatchSource(order, host_arrays(split.images, split.labels))
-    elif cache:
-        kind, decoded = "cache", decode_to_device(split, recipe, device, threads)
-        fetch = device_arrays(decoded, split.labels) if device.type == "cuda" else host_arrays(decoded, split.labels)
-        source = BatchSource(order, fetch, on_device=device.type == "cuda")
     else:
-        kind, files = "files", list(split.files)
+        kind, (files, bad) = "files", dali_files(split, threads)
+        for i, reason in bad:
+            order.excluded.add(i)
+            for callback in tell:
+                callback(split.files[i], reason)
         source = BatchSource(order, file_paths(files, split.labels))
     build = pipeline_builder(kind, recipe, mean, std, train, device, threads, seed)
-    return DaliLoader(build, source, recipe.channels_last, train, files=files)
+    loader = DaliLoader(build, source, recipe.channels_last, train, files=files,
+                        names=list(split.files) if files is not None else None)
+    loader.on_skip += tell
+    return loader
 
 
 def variant_name(device: torch.device, cache: bool) -> str:
@@ -417,9 +541,13 @@ def _fixed_shard(split, shard_id: int, num_shards: int, seed: int, train: bool):
 
 
 def dali_loaders(data, recipe: Recipe, device: torch.device, threads: int, seed: int, mean, std,
-                 shard_id: int = 0, num_shards: int = 1, start_epoch: int = 1,
-                 start_step: int = 0) -> tuple[DaliLoader, DaliLoader, str, list[str]]:
-    """Training and evaluation loaders, the variant's name and what was decided on the way."""
+                 shard_id: int = 0, num_shards: int = 1, start_epoch: int = 1, start_step: int = 0,
+                 on_skip: Callable[[str, Path, str], None] | None = None
+                 ) -> tuple[DaliLoader, DaliLoader, str, list[str]]:
+    """Training and evaluation loaders, the variant's name and what was decided on the way.
+
+    on_skip(split, path, reason), split "train" or "val", hears of each file found undecodable.
+    """
     import_dali()
     cache, why = choose_cache(recipe.cache, data, recipe, device)
     if cache and num_shards > 1:
@@ -430,6 +558,8 @@ def dali_loaders(data, recipe: Recipe, device: torch.device, threads: int, seed:
         why += " (this process's shard)"
     common = dict(recipe=recipe, device=device, threads=threads, seed=seed, mean=mean, std=std, cache=cache,
                   shard_id=shard_id, num_shards=num_shards)
-    train = dali_loader(data.train, True, start_epoch=start_epoch, start_step=start_step, **common)
-    val = dali_loader(data.val, False, **common)
+    tell = (lambda split: (lambda path, reason: on_skip(split, path, reason))) if on_skip else (lambda split: None)
+    train = dali_loader(data.train, True, start_epoch=start_epoch, start_step=start_step, on_skip=tell("train"),
+                        **common)
+    val = dali_loader(data.val, False, on_skip=tell("val"), **common)
     return train, val, variant_name(device, cache), [why]

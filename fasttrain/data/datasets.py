@@ -13,10 +13,11 @@ import numpy as np
 
 from fasttrain.data import download
 from fasttrain.data.cifar import find_cifar_dir, load_cifar, read_cifar_split  # noqa: F401
+from fasttrain.data.decode import DEFAULT_MAX_PIXELS
+from fasttrain.data.index import Index, ignore_rule, build_index, shown
 from fasttrain.data.splits import ArraySplit, DataSet, FileSplit  # noqa: F401
 from fasttrain.errors import UserError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 CUB_FILES = ("images.txt", "image_class_labels.txt", "train_test_split.txt")
 
 
@@ -25,25 +26,48 @@ def default_root() -> Path:
 
 
 # --------------------------------------------------------------------------------------------
-# image folders and CUB-200-2011
+# image folders and CUB-200-2011, read through the data index
+
+# folder names that mean a split, never a class (Roboflow and many Kaggle exports say valid/)
+TRAIN_NAMES = ("train", "training")
+VAL_NAMES = ("val", "valid", "validation")
+TEST_NAMES = ("test", "testing")
 
 
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+def _subfolders(index: Index, parts: tuple) -> list[str]:
+    """Names of the folders directly inside root/parts, as walked by the index, sorted."""
+    return sorted(f[len(parts)] for f in index.folders if len(f) == len(parts) + 1 and f[:len(parts)] == parts)
 
 
-def _class_dirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+def _split_of(index: Index, parts: tuple, classes: list[str] | None) -> tuple[FileSplit, list[str]]:
+    """The images under root/parts/<class>/... (any depth) as a FileSplit; classes from the folders
+    when not given. Images directly in root/parts are left out, named."""
+    if classes is None:
+        classes = _subfolders(index, parts)
+    label_of = {name: i for i, name in enumerate(classes)}
+    depth = len(parts)
+    files, labels, host = [], [], []
+    for path, probe in index.images.items():
+        rel = path.relative_to(index.root).parts
+        if rel[:depth] != parts:
+            continue
+        if len(rel) == depth + 1:
+            index.left_out.append((path, "not in a class folder",
+                                   f"an image directly in {shown(index.root.joinpath(*parts))}/, outside every class folder"))
+            continue
+        if rel[depth] in label_of:
+            files.append(path)
+            labels.append(label_of[rel[depth]])
+            host.append(not probe.dali)
+    return FileSplit(files, np.asarray(labels, dtype=np.int64), np.asarray(host, dtype=bool)), classes
 
 
-def _index_class_folders(folder: Path, classes: list[str]) -> FileSplit:
-    files, labels = [], []
-    for label, name in enumerate(classes):
-        if (folder / name).is_dir():
-            found = _images_in(folder / name)
-            files += found
-            labels += [label] * len(found)
-    return FileSplit(files, np.asarray(labels, dtype=np.int64))
+def _leave_out_folder(index: Index, parts: tuple, category: str, detail: str) -> None:
+    """Every image under root/parts goes to left_out (a held-out test split, a folder that is no split)."""
+    for path in list(index.images):
+        if path.relative_to(index.root).parts[:len(parts)] == parts:
+            index.left_out.append((path, category, detail))
+            del index.images[path]
 
 
 def _split_fraction(split: FileSplit, num_classes: int, val_fraction: float) -> tuple[FileSplit, FileSplit]:
@@ -77,8 +101,18 @@ def _read_table(path: Path) -> dict[int, str]:
     return rows
 
 
-def load_cub(root: Path) -> DataSet:
-    """The CUB_200_2011 release: images/ plus its id tables and official train/test split."""
+def _from_index(kind_layout: str, classes: list[str], train: FileSplit, val: FileSplit, root: Path,
+                index: Index, notes: list[str]) -> DataSet:
+    return DataSet("folder", kind_layout, classes, train, val, root, notes, left_out=index.left_out,
+                   ignored=index.ignored, found=index.files)
+
+
+def load_cub(root: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> DataSet:
+    """The CUB_200_2011 release: images/ plus its id tables and official train/test split.
+
+    Every file under images/ goes through the data index: listed images that are damaged or
+    missing, and files on disk that images.txt does not list, are left out and named.
+    """
     try:
         images = _read_table(root / "images.txt")
         labels = _read_table(root / "image_class_labels.txt")
@@ -88,39 +122,108 @@ def load_cub(root: Path) -> DataSet:
     class_table = _read_table(root / "classes.txt") if (root / "classes.txt").is_file() else {}
     num = max(int(v) for v in labels.values())
     classes = [class_table.get(i, str(i)) for i in range(1, num + 1)]
-    splits = {"1": ([], []), "0": ([], [])}
+    index = build_index(root / "images", max_pixels)
+    known = {p for p, _, _ in index.left_out}
+    splits = {"1": ([], [], []), "0": ([], [], [])}
+    listed = set()
     for image_id, rel in sorted(images.items()):
-        files, ys = splits[is_train.get(image_id, "0")]
-        files.append(root / "images" / rel)
+        path = root / "images" / rel
+        listed.add(path)
+        probe = index.images.get(path)
+        if probe is None:
+            if path not in known:
+                index.left_out.append((path, "missing", f"listed in images.txt (id {image_id}) but not on disk"))
+            continue
+        files, ys, host = splits[is_train.get(image_id, "0")]
+        files.append(path)
         ys.append(int(labels[image_id]) - 1)  # CUB class ids start at 1
-    train, val = (FileSplit(f, np.asarray(y, dtype=np.int64)) for f, y in (splits["1"], splits["0"]))
-    return DataSet("folder", "CUB_200_2011", classes, train, val, root)
+        host.append(not probe.dali)
+    index.left_out += [(p, "not listed", "an image under images/ that images.txt does not list")
+                       for p in index.images if p not in listed]
+    train, val = (FileSplit(f, np.asarray(y, dtype=np.int64), np.asarray(h, dtype=bool))
+                  for f, y, h in (splits["1"], splits["0"]))
+    return _from_index("CUB_200_2011", classes, train, val, root, index, [])
 
 
-def load_image_folder(path: Path, val_fraction: float) -> DataSet:
+def load_image_folder(path: Path, val_fraction: float, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> DataSet:
+    """An image folder in any layout people have: train/ + val/ (or valid/, validation/, test/), or
+    class folders alone (val_fraction of each class held out), or the CUB_200_2011 release.
+
+    Raises UserError, in one line, for what cannot be right: no images, a class with no training
+    image, validation classes that training lacks, a val/ or test/ without train/.
+    """
     cub = _find_cub_dir(path)
     if cub is not None:
-        return load_cub(cub)
-    val_dir = next((path / n for n in ("val", "test") if (path / n).is_dir()), None)
-    if (path / "train").is_dir() and val_dir is not None:
-        classes = [d.name for d in _class_dirs(path / "train")]
-        extra = sorted({d.name for d in _class_dirs(val_dir)} - set(classes))
-        if extra:
-            raise UserError(f"{val_dir}: classes not in {path / 'train'}: {', '.join(extra[:5])}")
-        data = DataSet("folder", f"train/{val_dir.name}", classes,
-                       _index_class_folders(path / "train", classes),
-                       _index_class_folders(val_dir, classes), path)
+        return load_cub(cub, max_pixels)
+    index = build_index(path, max_pixels)
+    notes = [index.describe()] if index.probed > 1000 or index.seconds > 2 else []
+    top = _subfolders(index, ())
+    splits = {name.lower(): name for name in top if name.lower() in TRAIN_NAMES + VAL_NAMES + TEST_NAMES}
+    train_name = next((splits[n] for n in TRAIN_NAMES if n in splits), None)
+    val_name = next((splits[n] for n in VAL_NAMES + TEST_NAMES if n in splits), None)
+    if splits and train_name is None:
+        raise UserError(f"{shown(path)}: has {', '.join(s + '/' for s in splits.values())} but no train/ "
+                        f"folder; a split folder is never read as a class")
+    if train_name is not None:
+        for name in top:
+            if name in (train_name, val_name):
+                continue
+            if name.lower() in TEST_NAMES:
+                _leave_out_folder(index, (name,), "held-out test split",
+                                  f"{name}/ is a test split: not used for training or validation")
+            else:
+                _leave_out_folder(index, (name,), "outside the splits",
+                                  f"{name}/ is not train/ or {val_name or 'val'}/")
+        train, classes = _split_of(index, (train_name,), None)
+        if val_name is None:
+            train, val = _split_fraction(train, len(classes), val_fraction)
+            layout = f"{train_name}/ alone, {val_fraction:g} held out"
+        else:
+            extra = [c for c in _subfolders(index, (val_name,)) if c not in classes]
+            if extra:
+                raise UserError(f"{shown(path / val_name)}: classes not in {shown(path / train_name)}: "
+                                f"{', '.join(extra[:5])}")
+            val, _ = _split_of(index, (val_name,), classes)
+            layout = f"{train_name}/{val_name}"
+            if val_name.lower() in TEST_NAMES:
+                notes.append(f"validating on {val_name}/ (there is no val/ or valid/)")
+        where = path / train_name
     else:
-        classes = [d.name for d in _class_dirs(path)]
-        everything = _index_class_folders(path, classes)
-        train, val = _split_fraction(everything, len(classes), val_fraction)
-        data = DataSet("folder", f"class folders, {val_fraction:g} held out", classes, train, val, path)
-    if not classes or not len(data.train):
-        raise UserError(f"{path}: no images found; expected train/ and val/ (or test/) with one folder per "
-                        f"class, class folders alone, or the CUB_200_2011 layout")
-    if not len(data.val):
-        raise UserError(f"{path}: no validation images; add val/ or test/, or more images per class")
+        train, classes = _split_of(index, (), None)
+        train, val = _split_fraction(train, len(classes), val_fraction)
+        layout = f"class folders, {val_fraction:g} held out"
+        where = path
+    data = _from_index(layout, classes, train, val, path, index, notes)
+    _check_classes(data, where)
     return data
+
+
+def _check_classes(data: DataSet, where: Path) -> None:
+    """Refuse classes with nothing to learn from; note classes that nothing validates."""
+    if not data.classes or not len(data.train):
+        raise UserError(f"{shown(data.root)}: no images found; expected train/ and val/ (or valid/, test/) with one "
+                        f"folder per class, class folders alone, or the CUB_200_2011 layout"
+                        + (f" ({len(data.left_out)} files left out, e.g. {shown(data.left_out[0][0])}: "
+                           f"{data.left_out[0][2]})" if data.left_out else ""))
+    if data.num_classes == 1 and data.kind == "folder":
+        raise UserError(f"{shown(where)}: one class ({data.classes[0]}) only; a classifier needs at least two "
+                        f"class folders")
+    counts = np.bincount(data.train.labels, minlength=data.num_classes)
+    empty = [c for c, n in zip(data.classes, counts) if n == 0]
+    if empty:
+        held = sum(1 for p, _, _ in data.left_out if where in p.parents)
+        raise UserError(f"{shown(where)}: class{'es' if len(empty) > 1 else ''} "
+                        f"{', '.join(repr(c) for c in empty[:5])}{' ...' if len(empty) > 5 else ''} "
+                        f"{'have' if len(empty) > 1 else 'has'} no training image"
+                        + (f" ({held} files under {shown(where)} were left out: see why with --strict or "
+                           f"in skipped.txt)" if held else "") + "; add images or remove the empty folders")
+    if not len(data.val):
+        raise UserError(f"{shown(data.root)}: no validation images; add val/ or valid/, or more images per class")
+    unvalidated = [c for c, n in zip(data.classes, np.bincount(data.val.labels, minlength=data.num_classes))
+                   if n == 0]
+    if unvalidated:
+        data.notes.append(f"{len(unvalidated)} class{'es have' if len(unvalidated) > 1 else ' has'} no validation "
+                          f"image: {', '.join(unvalidated[:5])}{' ...' if len(unvalidated) > 5 else ''}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,11 +234,14 @@ def _is_empty(path: Path) -> bool:
     return not path.exists() or (path.is_dir() and not any(path.iterdir()))
 
 
-def open_dataset(model: str, data: Path | None, val_fraction: float = 0.1) -> DataSet:
+def open_dataset(model: str, data: Path | None, val_fraction: float = 0.1,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> DataSet:
     """Find the data set under `data` (default: $FASTTRAIN_DATA or ./data) in any known layout.
 
+    CIFAR-10/100 python pickles, the CUB_200_2011 release, or an image folder (see
+    load_image_folder); image folders are read through the data index (fasttrain/data/index.py).
     An absent or empty folder gets the model's own data set downloaded and verified:
-    CIFAR-100 for the CNN, CUB-200-2011 for ResNet-18.
+    CIFAR-100 for the CNN, CUB-200-2011 for ResNet-18. Raises UserError for what it cannot read.
     """
     if data is None:
         return _own_dataset(model, default_root())
@@ -145,13 +251,13 @@ def open_dataset(model: str, data: Path | None, val_fraction: float = 0.1) -> Da
     if find_cifar_dir(path) is not None:
         return load_cifar(path)
     if _find_cub_dir(path) is not None:
-        return load_cub(_find_cub_dir(path))
+        return load_cub(_find_cub_dir(path), max_pixels)
     if _is_empty(path):
         return _own_dataset(model, path)
-    if not _class_dirs(path):
-        raise UserError(f"{path}: unknown layout; expected cifar-100-python/ pickles, train/ and val/ "
-                        f"class folders, class folders alone, or CUB_200_2011/")
-    return load_image_folder(path, val_fraction)
+    if not any(p.is_dir() and ignore_rule(p.name, True) is None for p in path.iterdir()):
+        raise UserError(f"{shown(path)}: unknown layout; expected CIFAR python pickles (cifar-100-python/ or "
+                        f"cifar-10-batches-py/), train/ and val/ class folders, class folders alone, or CUB_200_2011/")
+    return load_image_folder(path, val_fraction, max_pixels)
 
 
 def _own_dataset(model: str, root: Path) -> DataSet:
@@ -170,12 +276,13 @@ def _own_dataset(model: str, root: Path) -> DataSet:
 
 def cap(data: DataSet, train_limit: int | None, val_limit: int | None) -> DataSet:
     """At most N images per split, drawn evenly (a fixed random subset, kept in data-set order)."""
-    def capped(split, limit):
+    def capped(split, limit, flag):
         if limit is None or limit >= len(split):
             return split
+        data.not_used[flag] = len(split) - limit
         keep = np.sort(np.random.default_rng(0).permutation(len(split))[:limit])
         return split.take(keep)
 
-    data.train = capped(data.train, train_limit)
-    data.val = capped(data.val, val_limit)
+    data.train = capped(data.train, train_limit, "--train-limit")
+    data.val = capped(data.val, val_limit, "--val-limit")
     return data

@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from PIL import Image
+from PIL import Image  # CIFAR arrays become PIL images for torchvision's v2 ops
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from fasttrain.data.datasets import ArraySplit, FileSplit
+from fasttrain.data.splits import ArraySplit, FileSplit
 from fasttrain.data.order import EpochOrder
-from fasttrain.data.transforms import load_rgb
+from fasttrain.data.decode import decode_failure, open_rgb
 
 
 def default_workers() -> int:
@@ -27,7 +27,10 @@ def default_workers() -> int:
 
 
 class ImageDataset(Dataset):
-    """(transformed image, label, index) for CIFAR arrays or image files; image None if it won't decode."""
+    """(transformed image, label, index) for CIFAR arrays or image files.
+
+    A file that will not decode gives (reason, label, index): a str in the image's place.
+    """
 
     def __init__(self, split: ArraySplit | FileSplit, transform):
         self.split, self.transform = split, transform
@@ -40,16 +43,16 @@ class ImageDataset(Dataset):
             image = Image.fromarray(self.split.images[i])
         else:
             try:
-                image = load_rgb(self.split.files[i])
-            except (OSError, ValueError, SyntaxError):  # truncated or corrupt data behind a valid header
-                return None, int(self.split.labels[i]), i
+                image = open_rgb(self.split.files[i])
+            except Exception as exc:  # truncated or corrupt data behind a valid header
+                return decode_failure(exc), int(self.split.labels[i]), i
         return self.transform(image), int(self.split.labels[i]), i
 
 
 def collate_skipping(samples):
-    """Collate the decodable samples; report the indices of the others."""
-    good = [(image, label) for image, label, _ in samples if image is not None]
-    bad = [i for image, _, i in samples if image is None]
+    """Collate the decodable samples; report the (index, reason) of the others."""
+    good = [(image, label) for image, label, _ in samples if not isinstance(image, str)]
+    bad = [(i, image) for image, _, i in samples if isinstance(image, str)]
     images, labels = default_collate(good) if good else (None, None)
     return images, labels, bad
 
@@ -91,10 +94,10 @@ class DeviceLoader:
 
     def __iter__(self):
         for images, labels, bad in self.loader:
-            for i in bad:
+            for i, reason in bad:
                 self.order.excluded.add(i)
                 for callback in self.on_skip:
-                    callback(self.files[i], "cannot be decoded")
+                    callback(self.files[i], reason)
             if images is None:
                 continue
             # from pinned memory these copies are asynchronous: no host sync per step

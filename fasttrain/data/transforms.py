@@ -6,12 +6,14 @@ same flip rate, same mean/std), so every op here is named and documented.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
-from PIL import Image
 from torchvision.transforms import v2
 
-from fasttrain.data.datasets import ArraySplit, DataSet, FileSplit
+from fasttrain.data.decode import decode_failure, open_rgb
+from fasttrain.data.splits import ArraySplit, DataSet, FileSplit
 from fasttrain.recipes import IMAGENET_MEAN, IMAGENET_STD, Recipe
 
 STATS_SAMPLE = 512  # image-folder mean/std is estimated on this many training images
@@ -46,25 +48,41 @@ def eval_transform(recipe: Recipe, mean, std, from_files: bool) -> v2.Compose:
     return v2.Compose(ops + _to_normalised_tensor(mean, std))
 
 
-def load_rgb(path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
+def dataset_mean_std(split: ArraySplit | FileSplit, image_size: int) -> tuple[tuple, tuple, list[tuple[Path, str]]]:
+    """Per-channel mean and std of the training images, in [0, 1] units, and the files that failed.
 
+    Arrays: every pixel, summed in chunks of float64 (no full float copy of the data set). Files:
+    STATS_SAMPLE images drawn at random, decoded by the shared decode policy and fitted to
+    image_size; a file that fails to decode is returned as (path, reason) and left out of the
+    statistics, for the caller to drop from the data set.
+    """
+    total, squares, count, bad = np.zeros(3), np.zeros(3), 0, []
 
-def dataset_mean_std(split: ArraySplit | FileSplit, image_size: int) -> tuple[tuple, tuple]:
-    """Per-channel mean and std of the training images, in [0, 1] units."""
+    def add(pixels: np.ndarray) -> None:
+        nonlocal total, squares, count
+        pixels = pixels.reshape(-1, 3).astype(np.float64) / 255.0
+        total += pixels.sum(0)
+        squares += (pixels * pixels).sum(0)
+        count += len(pixels)
+
     if isinstance(split, ArraySplit):
-        pixels = split.images.reshape(-1, 3)
+        for start in range(0, len(split), 4096):
+            add(split.images[start:start + 4096])
     else:
         pick = np.random.default_rng(0).permutation(len(split))[:STATS_SAMPLE]
         fit = v2.Compose(_fit(image_size))
-        pixels = np.concatenate([np.asarray(fit(load_rgb(split.files[i]))).reshape(-1, 3) for i in sorted(pick)])
-    pixels = pixels.astype(np.float64) / 255.0
-    mean, std = pixels.mean(0), pixels.std(0)
-    return tuple(float(m) for m in mean), tuple(float(max(s, 1e-3)) for s in std)
+        for i in sorted(pick):
+            try:
+                add(np.asarray(fit(open_rgb(split.files[i]))))
+            except Exception as exc:
+                bad.append((split.files[i], decode_failure(exc)))
+    mean = total / max(count, 1)
+    std = np.sqrt(np.maximum(squares / max(count, 1) - mean * mean, 0))
+    return tuple(float(m) for m in mean), tuple(float(max(s, 1e-3)) for s in std), bad
 
 
-def normalisation(recipe: Recipe, data: DataSet) -> tuple[tuple, tuple]:
+def normalisation(recipe: Recipe, data: DataSet) -> tuple[tuple, tuple, list[tuple[Path, str]]]:
+    """The recipe's mean and std ([0, 1] units) and any file that failed to decode on the way."""
     if recipe.normalize == "imagenet" or data.kind == "synthetic":
-        return IMAGENET_MEAN, IMAGENET_STD
+        return IMAGENET_MEAN, IMAGENET_STD, []
     return dataset_mean_std(data.train, recipe.image_size)
