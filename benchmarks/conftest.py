@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from benchmarks.common import SIZES
-from fasttrain.data.datasets import ArraySplit, DataSet
+from fasttrain.data.splits import ArraySplit, DataSet
 
 
 @pytest.fixture(scope="session")

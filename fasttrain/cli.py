@@ -189,13 +189,23 @@ def main(argv: list[str] | None = None) -> int:
 def run_predict(args: argparse.Namespace) -> int:
     from fasttrain.inference import predict
 
+    from fasttrain.data.index import shown
+
     result = predict(args.checkpoint, args.data, args.out, args.top_k, args.device, args.batch_size, args.workers,
-                     args.loader)
-    for path, why in result["skipped"][:5]:
-        print(f"skipped {path}: {why}")
-    print(f"wrote {args.out}: {result['images']} predictions ({result['backend']} on {result['device']}"
-          + (f", {len(result['skipped'])} damaged files skipped" if result["skipped"] else "") + ")")
+                     args.loader, args.max_image_pixels or None)
+    for path, why in result["skipped"]:
+        print(f"no row for {shown(path)}: {why}")
+    ignored = f", {len(result['ignored'])} ignored ({_rules(result['ignored'])})" if result["ignored"] else ""
+    print(f"wrote {shown(args.out)}: {result['images']} predictions, {len(result['skipped'])} image files with no "
+          f"row{ignored} ({result['backend']} on {result['device']})")
     return 0
+
+
+def _rules(ignored: list) -> str:
+    counts = {}
+    for _, rule in ignored:
+        counts[rule] = counts.get(rule, 0) + 1
+    return ", ".join(f"{n} {rule}" for rule, n in counts.items())
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -204,8 +214,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     from fasttrain.inference import evaluate_checkpoint
 
+    from fasttrain.data.index import shown
+
     result = evaluate_checkpoint(args.checkpoint, args.data, args.out, args.device, args.batch_size, args.workers,
-                                 args.loader)
+                                 args.loader, args.max_image_pixels or None)
+    for item in result["skipped"][:5]:
+        print(f"not scored {item['path']}: {item['reason']}")
+    if len(result["skipped"]) > 5:
+        print(f"... {len(result['skipped']) - 5} more not scored: all in {shown(args.out / 'metrics.json')}")
     rows = sorted(result["per_class"], key=lambda r: (r["accuracy"] is None, r["accuracy"] or 0))
     shown = rows if len(rows) <= 30 else rows[:10] + rows[-10:]
     table = Table("class", "images", "correct", "accuracy",
@@ -216,7 +232,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     console = Console()
     console.print(table)
     console.print(f"{result['data']}\ntop-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
-                  f"on {result['images']} images; wrote {args.out}/metrics.json, per_class.csv, confusion.png",
+                  f"on {result['images']} images" + (f" ({len(result['skipped'])} files not scored)" if result["skipped"]
+                                                     else "") +
+                  f"; wrote {args.out}/metrics.json, per_class.csv, confusion.png",
                   highlight=False)
     return 0
 

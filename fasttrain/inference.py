@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,13 +18,15 @@ import numpy as np
 import torch
 
 from fasttrain.data import build_eval_loader, open_dataset
-from fasttrain.data.check import drop_unreadable
-from fasttrain.data.datasets import IMAGE_EXTENSIONS, ArraySplit, FileSplit, read_cifar_split
+from fasttrain.data.cifar import read_cifar_split
+from fasttrain.data.decode import DEFAULT_MAX_PIXELS
+from fasttrain.data.index import Index, build_index, shown
+from fasttrain.data.splits import ArraySplit, FileSplit
 from fasttrain.data.torch_loader import default_workers
 from fasttrain.device import choose_precision, device_name, prepare_model, resolve_device
 from fasttrain.errors import UserError
 from fasttrain.models import build_model
-from fasttrain.outputs import load_checkpoint
+from fasttrain.outputs import atomic_write, load_checkpoint
 from fasttrain.recipes import recipe_from_dict
 
 CHECKPOINT_KEYS = {"model", "recipe", "classes", "model_name", "mean", "std"}
@@ -73,70 +76,107 @@ def run_model(trained: Trained, loader, device: torch.device, k: int) -> tuple[n
     return torch.cat(indices).numpy(), torch.cat(probs).numpy(), torch.cat(labels).numpy()
 
 
-def _inputs(path: Path) -> tuple[ArraySplit | FileSplit, list[str], bool, list[tuple[Path, str]]]:
-    """Images to predict: a CIFAR-format pickle file, or every image under a folder (recursively)."""
+def _inputs(path: Path, max_pixels: int | None) -> tuple[ArraySplit | FileSplit, list[str], bool, Index | None]:
+    """Images to predict: a CIFAR-format pickle file, or every image under a folder (recursively),
+    read through the data index: each file is an image with a row, or left out and named."""
     if path.is_file():
         try:
             split = read_cifar_split(path, labels_required=False)
         except UserError as exc:
-            raise UserError(f"--data {path}: a file, so it must be a CIFAR python pickle ({exc})") from None
-        return split, [str(i) for i in range(len(split))], False, []
+            raise UserError(f"--data {shown(path)}: a file, so it must be a CIFAR python pickle ({exc})") from None
+        return split, [str(i) for i in range(len(split))], False, None
     if not path.is_dir():
-        raise UserError(f"--data {path}: no such file or folder")
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        raise UserError(f"--data {shown(path)}: no such file or folder")
+    index = build_index(path, max_pixels)
+    files = list(index.images)
     if not files:
-        raise UserError(f"--data {path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in it or below it")
-    split, bad = drop_unreadable(FileSplit(files, np.zeros(len(files), dtype=np.int64)))
-    return split, [f.relative_to(path).as_posix() for f in split.files], True, bad
+        why = f" ({len(index.left_out)} files left out, e.g. {shown(index.left_out[0][0])}: {index.left_out[0][2]})" \
+            if index.left_out else ""
+        raise UserError(f"--data {shown(path)}: no images in it or below it{why}")
+    split = FileSplit(files, np.zeros(len(files), dtype=np.int64), np.array([not index.images[f].dali for f in files]))
+    return split, [f.relative_to(path).as_posix() for f in files], True, index
+
+
+def _writable(out: Path, what: str) -> None:
+    """Fail before the work, not after it: the folder that will hold `out` must be writable."""
+    folder = next((p for p in [out.parent, *out.parent.parents] if p.exists()), Path("."))
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"--out {shown(out)}: cannot write {what} there ({shown(folder)} is not a writable folder)")
+
+
+def _write_csv(out: Path, rows: list[list]) -> None:
+    """The whole CSV or nothing: written beside `out`, then renamed over it. Names that are not valid
+    UTF-8 are written as the bytes they are on disk."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out, lambda f: csv.writer(f).writerows(rows), mode="w", encoding="utf-8",
+                     errors="surrogateescape", newline="")
+    except OSError as exc:
+        raise UserError(f"--out {shown(out)}: cannot write there ({exc.strerror or exc})") from None
 
 
 def predict(checkpoint: Path, data: Path, out: Path, top_k: int = 1, device_name_: str = "auto",
-            batch_size: int = 256, workers: int | None = None, loader: str = "auto") -> dict:
+            batch_size: int = 256, workers: int | None = None, loader: str = "auto",
+            max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict:
+    """Predict every image under `data` (a folder, recursively, or one CIFAR pickle) into the CSV `out`.
+
+    Returns {"images": rows written, "skipped": [(path, reason)] for image files with no row,
+    "ignored": files ignored by rule, "backend", "device"}; every file found is in one of them.
+    Raises UserError for a bad checkpoint, data or output location (checked before any work).
+    """
+    _writable(out, "the predictions")
     device = resolve_device(device_name_)
     trained = load_trained(checkpoint, device, batch_size)
-    split, ids, from_files, bad = _inputs(data)
+    split, ids, from_files, index = _inputs(data, max_pixels)
+    skipped = [(p, detail) for p, _, detail in index.left_out] if index else []
+    failed = []
     eval_loader, backend = build_eval_loader(split, from_files, trained.recipe, device,
                                              workers if workers is not None else default_workers(),
-                                             trained.mean, trained.std, loader)
-    skipped = []
-    if hasattr(eval_loader, "on_skip"):
-        eval_loader.on_skip.append(lambda path, why: skipped.append((path, why)))
+                                             trained.mean, trained.std, loader,
+                                             on_skip=lambda path, why: failed.append((path, why)))
     top, probs, _ = run_model(trained, eval_loader, device, max(top_k, 1))
-    if skipped:  # files that failed to decode mid-run have no prediction: keep ids and rows aligned
-        gone = {Path(p) for p, _ in skipped}
+    if failed:  # files that failed to decode have no prediction: keep ids and rows aligned
+        gone = {Path(p) for p, _ in failed}
         ids = [i for i, f in zip(ids, split.files) if f not in gone]
     header = ["id", "label"] + [c for j in range(1, top_k + 1) for c in (f"label_{j}", f"prob_{j}")] * (top_k > 1)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(header)
-            for row_id, classes, p in zip(ids, top, probs):
-                row = [row_id, trained.classes[classes[0]]]
-                if top_k > 1:
-                    row += [v for j in range(top_k) for v in (trained.classes[classes[j]], f"{p[j]:.5f}")]
-                writer.writerow(row)
-    except OSError as exc:
-        raise UserError(f"--out {out}: cannot write there ({exc.strerror})") from None
-    return {"images": len(ids), "skipped": bad + skipped, "backend": backend, "device": device_name(device)}
+    rows = [header]
+    for row_id, classes, p in zip(ids, top, probs):
+        row = [row_id, trained.classes[classes[0]]]
+        if top_k > 1:
+            row += [v for j in range(top_k) for v in (trained.classes[classes[j]], f"{p[j]:.5f}")]
+        rows.append(row)
+    _write_csv(out, rows)
+    return {"images": len(ids), "skipped": skipped + failed, "ignored": index.ignored if index else [],
+            "backend": backend, "device": device_name(device)}
 
 
 def evaluate_checkpoint(checkpoint: Path, data: Path | None, out: Path, device_name_: str = "auto",
-                        batch_size: int = 256, workers: int | None = None, loader: str = "auto") -> dict:
+                        batch_size: int = 256, workers: int | None = None, loader: str = "auto",
+                        max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict:
+    """Top-1/top-5, per-class accuracy and the confusion matrix of a checkpoint on a data set's val split.
+
+    The data set is opened as training opens it (the data index); files of the val split that are
+    left out, or fail to decode, are counted nowhere and listed in the result's "skipped" with why.
+    Raises UserError for a bad checkpoint, mismatched classes or an unwritable `out`.
+    """
+    _writable(out / "metrics.json", "the evaluation")
     device = resolve_device(device_name_)
     trained = load_trained(checkpoint, device, batch_size)
-    dataset = open_dataset(trained.model_name, data)
+    dataset = open_dataset(trained.model_name, data, max_pixels=max_pixels)
     if dataset.classes != trained.classes:
         first = next((a, b) for a, b in itertools.zip_longest(dataset.classes, trained.classes) if a != b)
         raise UserError(f"--data {data}: its {dataset.num_classes} classes differ from the checkpoint's "
                         f"{len(trained.classes)} (first difference: data {first[0]!r}, checkpoint {first[1]!r})")
     split = dataset.val
-    bad = []
-    if isinstance(split, FileSplit):
-        split, bad = drop_unreadable(split)
+    # what the val split lost before loading: files left out of its folder (with a val/ folder), or
+    # any file left out (when val is a share of each class, a left-out file may have been in it)
+    val_dir = dataset.split_dirs.get("val")
+    skipped = [(p, detail) for p, category, detail in dataset.left_out
+               if (val_dir in p.parents if val_dir else category not in ("held-out test split", "outside the splits"))]
     eval_loader, backend = build_eval_loader(split, dataset.kind == "folder", trained.recipe, device,
                                              workers if workers is not None else default_workers(),
-                                             trained.mean, trained.std, loader)
+                                             trained.mean, trained.std, loader,
+                                             on_skip=lambda path, why: skipped.append((path, why)))
     top, _, labels = run_model(trained, eval_loader, device, 5)
     n_classes = len(trained.classes)
     confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
@@ -147,14 +187,12 @@ def evaluate_checkpoint(checkpoint: Path, data: Path | None, out: Path, device_n
     result = {"checkpoint": str(checkpoint), "data": dataset.describe(), "split": "val", "images": int(len(labels)),
               "top1": float((top[:, 0] == labels).mean()),
               "top5": float((top == labels[:, None]).any(1).mean()), "loader": backend,
-              "device": device_name(device), "skipped": [str(p) for p, _ in bad]}
+              "device": device_name(device),
+              "skipped": [{"path": shown(p), "reason": why} for p, why in skipped]}
     try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(result, indent=2))
-        with open(out / "per_class.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["class", "images", "correct", "accuracy"])
-            writer.writeheader()
-            writer.writerows(per_class)
+        atomic_write(out / "metrics.json", lambda f: f.write(json.dumps(result, indent=2)), mode="w")
+        atomic_write(out / "per_class.csv", lambda f: _per_class_csv(f, per_class), mode="w", newline="")
         np.savetxt(out / "confusion.csv", confusion, fmt="%d", delimiter=",")
         plot_confusion(confusion, trained.classes, out / "confusion.png",
                        f"{trained.model_name} on {dataset.layout}: top-1 {100 * result['top1']:.2f}%")
@@ -162,6 +200,12 @@ def evaluate_checkpoint(checkpoint: Path, data: Path | None, out: Path, device_n
         raise UserError(f"--out {out}: cannot write there ({exc.strerror})") from None
     result["per_class"] = per_class
     return result
+
+
+def _per_class_csv(f, per_class: list[dict]) -> None:
+    writer = csv.DictWriter(f, fieldnames=["class", "images", "correct", "accuracy"])
+    writer.writeheader()
+    writer.writerows(per_class)
 
 
 def plot_confusion(confusion: np.ndarray, classes: list[str], out: Path, title: str) -> None:

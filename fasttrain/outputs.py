@@ -23,12 +23,15 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """write(file) into a temporary sibling of path, fsync it, then rename it over path."""
+def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb", **open_args) -> None:
+    """write(file) into a temporary sibling of path, fsync it, then rename it over path.
+
+    open_args (encoding, errors, newline) go to the file's open() in text mode.
+    """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide results from the user's group
-        with os.fdopen(fd, mode) as f:
+        with os.fdopen(fd, mode, **open_args) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())

@@ -267,6 +267,9 @@ def test_an_unlabelled_pickle_reads_for_prediction(tmp_path):
     assert len(read_cifar_split(tmp_path / "images", labels_required=False)) == 3
     with pytest.raises(UserError, match="'labels' holds NoneType None"):  # once required, they are checked
         read_cifar_split(tmp_path / "images")
+    dump(tmp_path / "images", {b"data": np.zeros((0, 3072), dtype=np.uint8)})
+    with pytest.raises(UserError, match="'data' holds no images"):
+        read_cifar_split(tmp_path / "images", labels_required=False)
     dump(tmp_path / "images", {b"labels": [0]})
     with pytest.raises(UserError, match="not a CIFAR python pickle .no 'data'"):
         read_cifar_split(tmp_path / "images", labels_required=False)

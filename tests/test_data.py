@@ -101,7 +101,7 @@ def test_cap_takes_an_even_deterministic_subset(jpeg_root):
 def test_dataset_mean_std_of_arrays():
     images = np.zeros((2, 4, 4, 3), np.uint8)
     images[0, ..., 0] = 255
-    from fasttrain.data.datasets import ArraySplit
+    from fasttrain.data.splits import ArraySplit
     mean, std, bad = dataset_mean_std(ArraySplit(images, np.zeros(2, np.int64)), 32)
     assert bad == []
     assert mean[0] == pytest.approx(0.5) and std[0] == pytest.approx(0.5)

@@ -106,18 +106,25 @@ def build_loaders(data: DataSet, recipe: Recipe, device: torch.device, workers: 
 
 
 def build_eval_loader(split, from_files: bool, recipe: Recipe, device: torch.device, workers: int, mean, std,
-                      loader: str = "auto") -> tuple[Iterable, str]:
-    """One evaluation loader (every sample once, in order) for predict and evaluate, and its backend."""
+                      loader: str = "auto", on_skip: Callable[[Path, str], None] | None = None) -> tuple[Iterable, str]:
+    """One evaluation loader (every sample once, in order) for predict and evaluate, and its backend.
+
+    on_skip(path, reason) hears of every file that fails to decode; the loader leaves it out.
+    """
     name = default_backend() if loader == "auto" else loader
     if name == "dali":
         from fasttrain.data.dali_loader import dali_loader, variant_name
 
-        return dali_loader(split, False, recipe, device, workers, 0, mean, std), variant_name(device, cache=False)
+        return (dali_loader(split, False, recipe, device, workers, 0, mean, std, on_skip=on_skip),
+                variant_name(device, cache=False))
     from fasttrain.data.torch_loader import torch_loader
     from fasttrain.data.transforms import eval_transform
 
-    return torch_loader(split, eval_transform(recipe, mean, std, from_files), recipe.batch_size, device, False,
-                        workers, recipe.channels_last, 0), "torch"
+    eval_loader = torch_loader(split, eval_transform(recipe, mean, std, from_files), recipe.batch_size, device, False,
+                               workers, recipe.channels_last, 0)
+    if on_skip is not None:
+        eval_loader.on_skip.append(on_skip)
+    return eval_loader, "torch"
 
 
 __all__ = ["build_eval_loader", "DataSet", "Loaders", "build_loaders", "backend_names", "cap", "open_dataset", "synthetic_dataset"]

@@ -139,7 +139,7 @@ def _pixels(path: Path, data: np.ndarray, notes: list[str]) -> np.ndarray:
             raise UserError(f"{path}: 'data' has {data.size - np.count_nonzero(finite)} NaN or infinite values; "
                             f"expected pixels 0-255 (or floats in [0, 1])")
     low, high = data.min(), data.max()
-    if low < 0:
+    if low < 0 or high > 255:
         bad = data[(data < 0) | (data > 255)]
         raise UserError(f"{path}: 'data' has {bad.size} values outside 0-255 ({_examples(bad[:1000])}); "
                         f"expected pixels 0-255 or floats in [0, 1], not normalised data")

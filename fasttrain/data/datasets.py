@@ -1,4 +1,4 @@
-"""Data sets on disk: CIFAR-100 python pickles, image folders and the CUB-200-2011 release.
+"""Data sets on disk: CIFAR-10/100 python pickles, image folders and the CUB-200-2011 release.
 
 Everything here indexes data (arrays, file lists, labels, class names); nothing decodes JPEGs
 or builds batches. Loaders (torch baseline, DALI, synthetic) consume these splits.
@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 
 from fasttrain.data import download
-from fasttrain.data.cifar import find_cifar_dir, load_cifar, read_cifar_split  # noqa: F401
+from fasttrain.data.cifar import find_cifar_dir, load_cifar
 from fasttrain.data.decode import DEFAULT_MAX_PIXELS
 from fasttrain.data.index import Index, ignore_rule, build_index, shown
-from fasttrain.data.splits import ArraySplit, DataSet, FileSplit  # noqa: F401
+from fasttrain.data.splits import DataSet, FileSplit
 from fasttrain.errors import UserError
 
 CUB_FILES = ("images.txt", "image_class_labels.txt", "train_test_split.txt")
@@ -188,12 +188,15 @@ def load_image_folder(path: Path, val_fraction: float, max_pixels: int | None = 
             if val_name.lower() in TEST_NAMES:
                 notes.append(f"validating on {val_name}/ (there is no val/ or valid/)")
         where = path / train_name
+        split_dirs = {"train": where, **({"val": path / val_name} if val_name else {})}
     else:
+        split_dirs = {}
         train, classes = _split_of(index, (), None)
         train, val = _split_fraction(train, len(classes), val_fraction)
         layout = f"class folders, {val_fraction:g} held out"
         where = path
     data = _from_index(layout, classes, train, val, path, index, notes)
+    data.split_dirs = split_dirs
     _check_classes(data, where)
     return data
 
@@ -205,9 +208,6 @@ def _check_classes(data: DataSet, where: Path) -> None:
                         f"folder per class, class folders alone, or the CUB_200_2011 layout"
                         + (f" ({len(data.left_out)} files left out, e.g. {shown(data.left_out[0][0])}: "
                            f"{data.left_out[0][2]})" if data.left_out else ""))
-    if data.num_classes == 1 and data.kind == "folder":
-        raise UserError(f"{shown(where)}: one class ({data.classes[0]}) only; a classifier needs at least two "
-                        f"class folders")
     counts = np.bincount(data.train.labels, minlength=data.num_classes)
     empty = [c for c, n in zip(data.classes, counts) if n == 0]
     if empty:

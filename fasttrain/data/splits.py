@@ -66,6 +66,7 @@ class DataSet:
     ignored: list[tuple[Path, str]] = field(default_factory=list)  # (path, rule): OS litter, hidden files
     not_used: dict[str, int] = field(default_factory=dict)         # images set aside by a flag: {"--train-limit": n}
     found: int | None = None  # files the data index walked under root (image folders only)
+    split_dirs: dict[str, Path] = field(default_factory=dict)  # {"train": root/train, "val": root/valid} if folders
     failed: dict[str, int] = field(default_factory=lambda: {"train": 0, "val": 0})  # undecodable, found by loaders
 
     @property

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fasttrain.data.datasets import DataSet
+from fasttrain.data.splits import DataSet
 
 
 SYNTHETIC_SIZES = {"cnn": (50_000, 10_000), "resnet": (5_994, 5_794)}  # train/val: CIFAR-100's, CUB-200-2011's

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from fasttrain import distributed
 from fasttrain.data import build_loaders
-from fasttrain.data.datasets import ArraySplit, DataSet
+from fasttrain.data.splits import ArraySplit, DataSet
 from fasttrain.recipes import CNN_SEED
 
 d = distributed.from_env()
