@@ -136,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", choices=["cnn", "resnet"])
     p.add_argument("--data", type=Path, help="data folder (default: $FASTTRAIN_DATA, else ./data)")
     p.add_argument("--loader", choices=["dali", "torch"], default="dali")
+    p.add_argument("--cache", choices=["gpu", "none"], default="none",
+                   help="DALI: serve the batch from the decoded cache, as training with --cache gpu does "
+                        "(on a machine without a GPU the cache sits in host memory)")
+    p.add_argument("--workers", type=_non_negative_int, default=2, help="DataLoader processes / DALI threads")
+    _add_max_pixels(p)
     p.add_argument("--split", choices=["train", "val"], default="train",
                    help="val: the first batch in data-set order, to compare loaders picture to picture")
     p.add_argument("--out", type=Path, default=Path("preview.png"))
@@ -243,7 +248,8 @@ def run_preview(args: argparse.Namespace) -> int:
     from fasttrain.preview import preview
 
     out = preview(args.model, args.data, args.loader, args.split, args.out, args.recipe, args.batch_size,
-                  args.device, val_fraction=args.val_fraction)
+                  args.device, workers=args.workers, val_fraction=args.val_fraction, cache=args.cache,
+                  max_pixels=args.max_image_pixels or None)
     print(f"wrote {out}")
     return 0
 

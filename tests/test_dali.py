@@ -260,3 +260,15 @@ def test_preview_draws_a_labelled_batch(loader, jpeg_root, tmp_path):
                  "--out", str(out), "--device", "cpu", "--batch-size", "6"]) == 0
     with Image.open(out) as image:
         assert image.format == "PNG" and image.width > 300
+
+
+def test_preview_serves_the_cache_and_names_the_files_it_leaves_out(tmp_path, capsys):
+    _folder_with_a_truncated_jpeg(tmp_path / "data")
+    (tmp_path / "data" / "val" / "c0" / "notes.jpg").write_text("not a picture")
+    out = tmp_path / "cache.png"
+    assert main(["preview", "resnet", "--data", str(tmp_path / "data"), "--cache", "gpu", "--split", "val",
+                 "--out", str(out), "--device", "cpu", "--batch-size", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert f"left out {tmp_path / 'data' / 'val' / 'c0' / 'notes.jpg'}: not an image" in printed
+    assert f"skipped {tmp_path / 'data' / 'train' / 'c1' / '2.jpg'}: cannot be decoded" in printed  # met by the cache
+    assert "cache on" in printed and out.is_file()
