@@ -83,7 +83,7 @@ def _inputs(path: Path, max_pixels: int | None) -> tuple[ArraySplit | FileSplit,
         try:
             split = read_cifar_split(path, labels_required=False)
         except UserError as exc:
-            raise UserError(f"--data {shown(path)}: a file, so it must be a CIFAR python pickle ({exc})") from None
+            raise UserError(f"--data {exc}") from None
         return split, [str(i) for i in range(len(split))], False, None
     if not path.is_dir():
         raise UserError(f"--data {shown(path)}: no such file or folder")

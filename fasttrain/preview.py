@@ -28,6 +28,8 @@ def preview(model: str, data_path: Path | None, loader: str, split: str, out: Pa
     """
     device = resolve_device(device_name)
     data = open_dataset(model, data_path, val_fraction, max_pixels)
+    for note in data.notes:
+        say(f"note: {note}")
     for path, _, detail in data.left_out:
         say(f"left out {shown(path)}: {detail}")
     batch = min(batch_size, len(data.train), len(data.val))

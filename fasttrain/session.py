@@ -123,6 +123,7 @@ class TrainingSession:
             if args.num_classes is not None and args.num_classes != data.num_classes:
                 raise UserError(f"--num-classes {args.num_classes}: the data set has {data.num_classes} classes")
         data = cap(data, args.train_limit, args.val_limit)
+        self.notes += data.notes  # what opening the data decided: class folders with no val image, rescaled pixels
         if args.strict and data.kind == "folder":
             self._strict(data)
         if self.checkpoint is not None and list(self.checkpoint["classes"]) != list(data.classes):
@@ -162,7 +163,8 @@ class TrainingSession:
 
     def _skip(self, split: str, path: Path, reason: str) -> None:
         """A file a loader found undecodable: left out from now on, named, and added to skipped.txt."""
-        if not self.data.record_failure(split, path, reason):
+        self.data.record_failure(split, path, reason)  # counted, unless build_loaders dropped it already
+        if path in self.skipped:  # a loader may meet a file again: named once
             return
         self.skipped.append(path)
         if not self.dist.is_main:

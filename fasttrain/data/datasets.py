@@ -47,13 +47,14 @@ def _split_of(index: Index, parts: tuple, classes: list[str] | None) -> tuple[Fi
     label_of = {name: i for i, name in enumerate(classes)}
     depth = len(parts)
     files, labels, host = [], [], []
-    for path, probe in index.images.items():
+    for path, probe in list(index.images.items()):
         rel = path.relative_to(index.root).parts
         if rel[:depth] != parts:
             continue
         if len(rel) == depth + 1:
             index.left_out.append((path, "not in a class folder",
                                    f"an image directly in {shown(index.root.joinpath(*parts))}/, outside every class folder"))
+            del index.images[path]
             continue
         if rel[depth] in label_of:
             files.append(path)
@@ -174,6 +175,10 @@ def load_image_folder(path: Path, val_fraction: float, max_pixels: int | None = 
             else:
                 _leave_out_folder(index, (name,), "outside the splits",
                                   f"{name}/ is not train/ or {val_name or 'val'}/")
+        for file in [p for p in index.images if len(p.relative_to(index.root).parts) == 1]:
+            index.left_out.append((file, "outside the splits",
+                                   f"an image directly in {shown(path)}/, beside {train_name}/"))
+            del index.images[file]
         train, classes = _split_of(index, (train_name,), None)
         if val_name is None:
             train, val = _split_fraction(train, len(classes), val_fraction)

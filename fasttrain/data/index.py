@@ -77,7 +77,8 @@ def probe(path: str) -> Probe:
     except Image.UnidentifiedImageError:
         return Probe(None, None, 0, 0, "not an image")
     except Exception as exc:  # a header Pillow recognises but cannot parse
-        return Probe(None, None, 0, 0, f"damaged ({type(exc).__name__})")
+        text = str(exc).strip().splitlines()[0][:100] if str(exc).strip() else ""
+        return Probe(None, None, 0, 0, f"damaged ({type(exc).__name__}{': ' + text if text else ''})")
     if width < 1 or height < 1:
         return Probe(fmt, mode, width, height, "damaged (an image of size 0)")
     return Probe(fmt, mode, width, height, None, dali)
@@ -276,7 +277,7 @@ def build_index(root: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS, workers
         for path, result in zip(todo, results):
             probes[path] = (*stamp[path], result)
         index.probed = len(todo)
-    for path, size, mtime in sorted(found):
+    for path, size, mtime in sorted(found, key=lambda item: str(item[0])):  # str order: 3x faster than Path's
         result: Probe = probes[str(path)][2]
         if result.problem is not None:
             index.left_out.append((path, result.problem.split(" (")[0], result.problem))
