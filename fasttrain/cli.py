@@ -201,7 +201,7 @@ def run_predict(args: argparse.Namespace) -> int:
     for path, why in result["skipped"]:
         print(f"no row for {shown(path)}: {why}")
     ignored = f", {len(result['ignored'])} ignored ({_rules(result['ignored'])})" if result["ignored"] else ""
-    print(f"wrote {shown(args.out)}: {result['images']} predictions, {len(result['skipped'])} image files with no "
+    print(f"wrote {shown(args.out)}: {result['images']} predictions, {len(result['skipped'])} files with no "
           f"row{ignored} ({result['backend']} on {result['device']})")
     return 0
 
@@ -228,10 +228,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if len(result["skipped"]) > 5:
         print(f"... {len(result['skipped']) - 5} more not scored: all in {shown(args.out / 'metrics.json')}")
     rows = sorted(result["per_class"], key=lambda r: (r["accuracy"] is None, r["accuracy"] or 0))
-    shown = rows if len(rows) <= 30 else rows[:10] + rows[-10:]
+    listed = rows if len(rows) <= 30 else rows[:10] + rows[-10:]
     table = Table("class", "images", "correct", "accuracy",
                   title="accuracy per class" + (" (10 worst, 10 best)" if len(rows) > 30 else ""))
-    for r in shown:
+    for r in listed:
         table.add_row(r["class"], str(r["images"]), str(r["correct"]),
                       "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%")
     console = Console()

@@ -19,6 +19,7 @@ import torch
 
 from fasttrain.data import build_eval_loader, open_dataset
 from fasttrain.data.cifar import read_cifar_split
+from fasttrain.data.datasets import NOT_A_SPLIT
 from fasttrain.data.decode import DEFAULT_MAX_PIXELS
 from fasttrain.data.index import Index, build_index, shown
 from fasttrain.data.splits import ArraySplit, FileSplit
@@ -172,7 +173,7 @@ def evaluate_checkpoint(checkpoint: Path, data: Path | None, out: Path, device_n
     # any file left out (when val is a share of each class, a left-out file may have been in it)
     val_dir = dataset.split_dirs.get("val")
     skipped = [(p, detail) for p, category, detail in dataset.left_out
-               if (val_dir in p.parents if val_dir else category not in ("held-out test split", "outside the splits"))]
+               if (val_dir in p.parents if val_dir else category not in NOT_A_SPLIT)]
     eval_loader, backend = build_eval_loader(split, dataset.kind == "folder", trained.recipe, device,
                                              workers if workers is not None else default_workers(),
                                              trained.mean, trained.std, loader,
@@ -192,8 +193,9 @@ def evaluate_checkpoint(checkpoint: Path, data: Path | None, out: Path, device_n
     try:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "metrics.json", lambda f: f.write(json.dumps(result, indent=2)), mode="w")
-        atomic_write(out / "per_class.csv", lambda f: _per_class_csv(f, per_class), mode="w", newline="")
-        np.savetxt(out / "confusion.csv", confusion, fmt="%d", delimiter=",")
+        atomic_write(out / "per_class.csv", lambda f: _per_class_csv(f, per_class), mode="w", newline="",
+                     encoding="utf-8", errors="surrogateescape")
+        atomic_write(out / "confusion.csv", lambda f: np.savetxt(f, confusion, fmt="%d", delimiter=","), mode="w")
         plot_confusion(confusion, trained.classes, out / "confusion.png",
                        f"{trained.model_name} on {dataset.layout}: top-1 {100 * result['top1']:.2f}%")
     except OSError as exc:

@@ -33,6 +33,9 @@ from fasttrain.train import EpochRecord, Interrupted, NonFiniteLoss, fit, make_o
 
 
 SHOW_SKIPPED = 5  # damaged files named on screen; all of them go to skipped.txt
+# categories of left-out files that --strict refuses (fasttrain/data/index.py names them)
+DAMAGE = ("damaged", "empty", "unreadable", "too large")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".png", ".webp", ".gif", ".tif", ".tiff", ".bmp", ".ppm", ".pgm")
 STOP_CHECK = 20   # under torchrun, ranks agree on a requested stop every this many steps
 
 
@@ -125,16 +128,20 @@ class TrainingSession:
         data = cap(data, args.train_limit, args.val_limit)
         self.notes += data.notes  # what opening the data decided: class folders with no val image, rescaled pixels
         if args.strict and data.kind == "folder":
-            self._strict(data)
+            # rank 0 decodes first and remembers the verdicts; the other ranks then find them cached
+            distributed.on_main(self.dist, lambda: self._strict(data), self.device)
+            if not self.dist.is_main:
+                self._strict(data)
         if self.checkpoint is not None and list(self.checkpoint["classes"]) != list(data.classes):
             raise UserError(f"{self.run_dir.last}: trained on {len(self.checkpoint['classes'])} classes that differ "
                             f"from the data's {data.num_classes}; resume with the same data set")
         return data
 
     def _strict(self, data) -> None:
-        """--strict: every file left out for damage, and every used file fully decoded first; any damage is exit 2."""
+        """--strict: any damaged file that would have been data, and any used file that does not decode
+        fully, ends the run with exit 2. A README.txt beside the classes is not damage; a notes.jpg is."""
         damaged = [(p, detail) for p, category, detail in data.left_out
-                   if category in ("damaged", "empty", "unreadable", "too large", "not an image")]
+                   if category in DAMAGE or (category == "not an image" and p.suffix.lower() in IMAGE_SUFFIXES)]
         damaged += verify(list(data.train.files) + list(data.val.files), data.root, self.recipe.workers or None)
         if damaged:
             more = f" and {len(damaged) - 1} more" if len(damaged) > 1 else ""
@@ -159,7 +166,6 @@ class TrainingSession:
                           f"{shown(self.run_dir.path / 'skipped.txt')}")
         for path, _, detail in data.left_out[:SHOW_SKIPPED]:
             self.notes.append(f"left out {shown(path)}: {detail}")
-        self.skipped_named = min(len(data.left_out), SHOW_SKIPPED)
 
     def _skip(self, split: str, path: Path, reason: str) -> None:
         """A file a loader found undecodable: left out from now on, named, and added to skipped.txt."""

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import errno
 import hashlib
 import os
 import threading
@@ -34,7 +33,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from fasttrain.data.decode import decode_failure, open_rgb
+from fasttrain.data.decode import POLICY_VERSION, decode_failure, open_rgb, problem
 from fasttrain.data.index import cache_dir, shown
 from fasttrain.data.splits import ArraySplit, FileSplit
 from fasttrain.data.order import EpochOrder
@@ -161,6 +160,7 @@ class BatchSource:
         return self.order.steps()
 
     def __iter__(self):
+        self.first_step = self.order.start_step  # > 0 when resumed mid-epoch, or restarted after a bad file
         self.indices, self.position = self.order.next_epoch(), 0
         return self
 
@@ -212,37 +212,39 @@ class FilePaths:
         return [self.encoded[i] for i in index], self.labels[index, None]
 
 
-file_paths = FilePaths
-
 
 def _transcoded(path: Path) -> Path:
-    """Where the decode policy's pixels of `path` are kept as a lossless PNG, keyed by path, size and mtime."""
+    """Where the decode policy's pixels of `path` are kept as a lossless PNG, keyed by the policy's
+    version and the file's path, size and modification time."""
     st = os.stat(path)
-    key = hashlib.sha1(os.fsencode(os.path.realpath(path)) + f"|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+    key = hashlib.sha1(os.fsencode(os.path.realpath(path))
+                       + f"|{st.st_size}|{st.st_mtime_ns}|{POLICY_VERSION}".encode()).hexdigest()
     return cache_dir() / "decoded" / key[:2] / f"{key}.png"
 
 
 def _transcode(path: Path) -> Path | str:
-    """The PNG DALI reads instead of `path` (made once), or why `path` cannot be decoded."""
+    """The PNG DALI reads instead of `path` (made once), or why `path` cannot be decoded.
+
+    Raises UserError when the copy cannot be written (a full disk, a read-only cache folder).
+    """
     try:
         target = _transcoded(path)
-        if not target.is_file():
-            image = open_rgb(path)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-            image.save(tmp, format="PNG", compress_level=1)
-            os.replace(tmp, target)
-        return target
+        if target.is_file():
+            return target
+        image = open_rgb(path)
+    except Exception as exc:  # reading the user's file: a damaged or vanished file is left out
+        return decode_failure(exc)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        image.save(tmp, format="PNG", compress_level=1)
+        os.replace(tmp, target)
     except OSError as exc:
-        if isinstance(exc, FileNotFoundError) or exc.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS):
-            if not Path(path).exists():
-                return "cannot be read (it disappeared)"
-            raise UserError(f"cannot write decoded copies of {shown(path)} to {cache_dir() / 'decoded'} "
-                            f"({exc.strerror}); set FASTTRAIN_CACHE to a writable folder, or use --loader torch") \
-                from None
-        return decode_failure(exc)
-    except Exception as exc:
-        return decode_failure(exc)
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write a decoded copy of {shown(path)} in {shown(cache_dir() / 'decoded')} "
+                        f"({exc.strerror or exc}); set FASTTRAIN_CACHE to a writable folder, or use --loader torch") \
+            from None
+    return target
 
 
 def dali_files(split: FileSplit, threads: int) -> tuple[list[Path], list[tuple[int, str]]]:
@@ -318,7 +320,7 @@ class DaliLoader:
         return self.source.order.steps()
 
     def __iter__(self):
-        delivered = 0
+        delivered = 0  # batches served since the source last started (the epoch, or a restart in it)
         while True:
             try:
                 for (batch,) in self.iterator:
@@ -326,7 +328,8 @@ class DaliLoader:
                     yield self._convert(batch)
                 return
             except RuntimeError as exc:
-                self._recover(exc, delivered)
+                self._recover(exc, self.source.first_step + delivered)
+                delivered = 0
 
     def _convert(self, batch):
         labels = batch["labels"].view(-1).long()
@@ -335,14 +338,14 @@ class DaliLoader:
         images = batch["images"].permute(0, 3, 1, 2)  # HWC storage = channels_last NCHW, no copy
         return (images if self.channels_last else images.contiguous()), labels
 
-    def _recover(self, exc: RuntimeError, delivered: int) -> None:
-        """Find the undecodable file among the batches in flight, exclude it, rebuild, go on."""
+    def _recover(self, exc: RuntimeError, step: int) -> None:
+        """Find the undecodable file among the batches in flight, exclude it, rebuild, go on at `step`."""
         text = str(exc)
         first_line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
         if self.files is None or "decod" not in text.lower():
             raise UserError(f"DALI pipeline failed: {first_line}") from None
         suspects = list(dict.fromkeys(int(i) for batch in self.source.inflight for i in batch))
-        bad = [(i, why) for i in suspects if (why := _decode_problem(self.names[i])) is not None]
+        bad = [(i, why) for i in suspects if (why := problem(self.names[i])) is not None]
         if not bad:
             # every suspect decodes with the policy, so DALI's decoder refused one that Pillow reads
             # (a PNG without its end chunk, say): decode the suspects the policy's way, then go on
@@ -352,26 +355,21 @@ class DaliLoader:
                 raise UserError(f"DALI could not decode an image among {named} ({first_line}); "
                                 f"try --loader torch") from None
             for i in fresh:
-                self.files[i] = _transcode(self.names[i])
-                self.source.fetch.replace(i, self.files[i])
+                copy = _transcode(self.names[i])
+                if isinstance(copy, str):  # it failed after all (the file changed): leave it out
+                    bad.append((i, copy))
+                else:
+                    self.files[i] = copy
+                    self.source.fetch.replace(i, copy)
         order = self.source.order
         for i, why in bad:
             order.excluded.add(i)
             for callback in self.on_skip:
                 callback(self.names[i], why)
-        order.epoch -= 1               # next_epoch() gives the same epoch again ...
-        order.start_step = delivered   # ... from the first batch not yet delivered
+        order.epoch -= 1          # next_epoch() gives the same epoch again ...
+        order.start_step = step   # ... from the first batch not yet delivered
         self.source.inflight.clear()
         self.iterator = self._iterator()
-
-
-def _decode_problem(path: Path) -> str | None:
-    """Why the decode policy cannot decode this file, or None: the full check for a suspect file."""
-    try:
-        open_rgb(path)
-    except Exception as exc:
-        return decode_failure(exc)
-    return None
 
 
 def pipeline_builder(kind: str, recipe: Recipe, mean, std, train: bool, device: torch.device, threads: int,
@@ -427,7 +425,7 @@ def decode_to_device(split: FileSplit, recipe: Recipe, device: torch.device, thr
     files, bad = dali_files(split, threads)
     # the sample's own index travels as its label, so each decoded image lands in its own row
     source = BatchSource(EpochOrder(len(split), 256, train=False, seed=0),
-                         file_paths(files, np.arange(len(split), dtype=np.int64)))
+                         FilePaths(files, np.arange(len(split), dtype=np.int64)))
     for i, _ in bad:
         source.order.excluded.add(i)
 
@@ -438,7 +436,10 @@ def decode_to_device(split: FileSplit, recipe: Recipe, device: torch.device, thr
             return _fit(fn, _decode(fn, types, fn.io.file.read(paths), recipe, False, placement), size), labels
 
         pipe = pipeline(batch_size=256, num_threads=max(1, threads), device_id=placement.device_id, seed=0)
-        pipe.build()
+        try:
+            pipe.build()
+        except RuntimeError as exc:
+            raise UserError(f"DALI pipeline could not be built: {str(exc).splitlines()[0]}") from None
         return pipe
 
     loader = DaliLoader(build, source, channels_last=True, train=False, files=files, raw=True,
@@ -518,7 +519,7 @@ def dali_loader(split, train: bool, recipe: Recipe, device: torch.device, thread
             order.excluded.add(i)
             for callback in tell:
                 callback(split.files[i], reason)
-        source = BatchSource(order, file_paths(files, split.labels))
+        source = BatchSource(order, FilePaths(files, split.labels))
     build = pipeline_builder(kind, recipe, mean, std, train, device, threads, seed)
     loader = DaliLoader(build, source, recipe.channels_last, train, files=files,
                         names=list(split.files) if files is not None else None)

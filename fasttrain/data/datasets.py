@@ -32,6 +32,9 @@ def default_root() -> Path:
 TRAIN_NAMES = ("train", "training")
 VAL_NAMES = ("val", "valid", "validation")
 TEST_NAMES = ("test", "testing")
+# categories of files left out because of where they are, not what they are
+HELD_OUT, OUTSIDE = "held-out test split", "outside the splits"
+NOT_A_SPLIT = (HELD_OUT, OUTSIDE)
 
 
 def _subfolders(index: Index, parts: tuple) -> list[str]:
@@ -104,46 +107,56 @@ def _read_table(path: Path) -> dict[int, str]:
 
 def _from_index(kind_layout: str, classes: list[str], train: FileSplit, val: FileSplit, root: Path,
                 index: Index, notes: list[str]) -> DataSet:
-    return DataSet("folder", kind_layout, classes, train, val, root, notes, left_out=index.left_out,
-                   ignored=index.ignored, found=index.files)
+    return DataSet("folder", kind_layout, classes, train, val, root, notes + index.folder_notes,
+                   left_out=index.left_out, ignored=index.ignored, found=index.files)
 
 
 def load_cub(root: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> DataSet:
     """The CUB_200_2011 release: images/ plus its id tables and official train/test split.
 
-    Every file under images/ goes through the data index: listed images that are damaged or
-    missing, and files on disk that images.txt does not list, are left out and named.
+    Every file under images/ goes through the data index: listed images that are damaged are left
+    out and named, files on disk that images.txt does not list are left out ("not listed"), and
+    listed images missing from disk are counted in a note. Raises UserError for malformed tables.
     """
     try:
         images = _read_table(root / "images.txt")
-        labels = _read_table(root / "image_class_labels.txt")
+        labels = {k: int(v) for k, v in _read_table(root / "image_class_labels.txt").items()}
         is_train = _read_table(root / "train_test_split.txt")
-    except ValueError:
-        raise UserError(f"{root}: malformed CUB_200_2011 tables (expected '<id> <value>' lines)") from None
-    class_table = _read_table(root / "classes.txt") if (root / "classes.txt").is_file() else {}
-    num = max(int(v) for v in labels.values())
+        class_table = _read_table(root / "classes.txt") if (root / "classes.txt").is_file() else {}
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{shown(root)}: malformed CUB_200_2011 tables (expected '<id> <value>' lines)") from None
+    unlabelled = [i for i in images if i not in labels]
+    odd_split = sorted({v for v in is_train.values() if v not in ("0", "1")})
+    if not labels or unlabelled or odd_split or min(labels.values()) < 1:
+        what = (f"image id {unlabelled[0]} has no class in image_class_labels.txt" if unlabelled else
+                f"train_test_split.txt holds {odd_split[0]!r} (expected 1 or 0)" if odd_split else
+                "image_class_labels.txt holds no class ids from 1" )
+        raise UserError(f"{shown(root)}: malformed CUB_200_2011 tables: {what}")
+    num = max(labels.values())
     classes = [class_table.get(i, str(i)) for i in range(1, num + 1)]
     index = build_index(root / "images", max_pixels)
-    known = {p for p, _, _ in index.left_out}
     splits = {"1": ([], [], []), "0": ([], [], [])}
-    listed = set()
+    listed, missing = set(), []
+    on_disk = {p for p, _, _ in index.left_out} | set(index.images)
     for image_id, rel in sorted(images.items()):
         path = root / "images" / rel
         listed.add(path)
         probe = index.images.get(path)
         if probe is None:
-            if path not in known:
-                index.left_out.append((path, "missing", f"listed in images.txt (id {image_id}) but not on disk"))
+            if path not in on_disk:
+                missing.append(rel)
             continue
         files, ys, host = splits[is_train.get(image_id, "0")]
         files.append(path)
-        ys.append(int(labels[image_id]) - 1)  # CUB class ids start at 1
+        ys.append(labels[image_id] - 1)  # CUB class ids start at 1
         host.append(not probe.dali)
-    index.left_out += [(p, "not listed", "an image under images/ that images.txt does not list")
-                       for p in index.images if p not in listed]
+    for path in [p for p in index.images if p not in listed]:
+        index.left_out.append((path, "not listed", "an image under images/ that images.txt does not list"))
+        del index.images[path]
+    notes = [f"{len(missing)} images listed in images.txt are not on disk (e.g. {missing[0]})"] if missing else []
     train, val = (FileSplit(f, np.asarray(y, dtype=np.int64), np.asarray(h, dtype=bool))
                   for f, y, h in (splits["1"], splits["0"]))
-    return _from_index("CUB_200_2011", classes, train, val, root, index, [])
+    return _from_index("CUB_200_2011", classes, train, val, root, index, notes)
 
 
 def load_image_folder(path: Path, val_fraction: float, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> DataSet:
@@ -170,13 +183,13 @@ def load_image_folder(path: Path, val_fraction: float, max_pixels: int | None = 
             if name in (train_name, val_name):
                 continue
             if name.lower() in TEST_NAMES:
-                _leave_out_folder(index, (name,), "held-out test split",
+                _leave_out_folder(index, (name,), HELD_OUT,
                                   f"{name}/ is a test split: not used for training or validation")
             else:
-                _leave_out_folder(index, (name,), "outside the splits",
+                _leave_out_folder(index, (name,), OUTSIDE,
                                   f"{name}/ is not train/ or {val_name or 'val'}/")
         for file in [p for p in index.images if len(p.relative_to(index.root).parts) == 1]:
-            index.left_out.append((file, "outside the splits",
+            index.left_out.append((file, OUTSIDE,
                                    f"an image directly in {shown(path)}/, beside {train_name}/"))
             del index.images[file]
         train, classes = _split_of(index, (train_name,), None)
@@ -216,19 +229,19 @@ def _check_classes(data: DataSet, where: Path) -> None:
     counts = np.bincount(data.train.labels, minlength=data.num_classes)
     empty = [c for c, n in zip(data.classes, counts) if n == 0]
     if empty:
-        held = sum(1 for p, _, _ in data.left_out if where in p.parents)
+        held = [(p, detail) for p, _, detail in data.left_out if where / empty[0] in p.parents]
         raise UserError(f"{shown(where)}: class{'es' if len(empty) > 1 else ''} "
-                        f"{', '.join(repr(c) for c in empty[:5])}{' ...' if len(empty) > 5 else ''} "
+                        f"{', '.join(repr(shown(c)) for c in empty[:5])}{' ...' if len(empty) > 5 else ''} "
                         f"{'have' if len(empty) > 1 else 'has'} no training image"
-                        + (f" ({held} files under {shown(where)} were left out: see why with --strict or "
-                           f"in skipped.txt)" if held else "") + "; add images or remove the empty folders")
+                        + (f" ({len(held)} files in {shown(empty[0])}/ left out, e.g. {shown(held[0][0].name)}: "
+                           f"{held[0][1]})" if held else "") + "; add images or remove the empty folders")
     if not len(data.val):
         raise UserError(f"{shown(data.root)}: no validation images; add val/ or valid/, or more images per class")
     unvalidated = [c for c, n in zip(data.classes, np.bincount(data.val.labels, minlength=data.num_classes))
                    if n == 0]
     if unvalidated:
         data.notes.append(f"{len(unvalidated)} class{'es have' if len(unvalidated) > 1 else ' has'} no validation "
-                          f"image: {', '.join(unvalidated[:5])}{' ...' if len(unvalidated) > 5 else ''}")
+                          f"image: {', '.join(shown(c) for c in unvalidated[:5])}{' ...' if len(unvalidated) > 5 else ''}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """One decode policy for every loader: whatever the file, 8-bit RGB, upright as a photo viewer shows it.
 
 - EXIF orientation is applied (a phone photo stored sideways with Orientation 6 comes out upright).
-- 16-bit grayscale and 16-bit RGB keep their high byte (65535 -> 255), as Pillow already does for
-  16-bit RGB PNGs and as DALI's decoder does for both.
+- 16-bit grayscale and 16-bit RGB keep their high byte (65535 -> 255, 257 -> 1), as Pillow already
+  does for 16-bit RGB PNGs (DALI's decoder rounds value / 257 instead, so 16-bit files are decoded
+  here for DALI too).
 - Grayscale, palette (with or without transparency), LA/RGBA and 1-bit images become RGB the way
   Pillow's `convert("RGB")` does it: alpha is dropped, not composited. CMYK becomes RGB likewise.
 - Animated GIF/WebP: the first frame.
@@ -27,6 +28,10 @@ FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "TIFF", "BMP", "PPM")
 # Pillow's own guard against decompression bombs refuses images above twice this many pixels.
 DEFAULT_MAX_PIXELS = 2 * 89_478_485
 
+# Bump when what open_rgb returns, or what dali_decodes says, changes: remembered verdicts and the
+# PNG copies made for DALI (fasttrain/data/index.py, dali_loader.py) are keyed by it.
+POLICY_VERSION = 1
+
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
@@ -38,7 +43,7 @@ def to_rgb8(image: Image.Image) -> Image.Image:
         # clip every value above 255 to white. An "I" image that holds 8-bit values stays as it is.
         high = (values >> 8) if values.max(initial=0) > 255 or image.mode != "I" else values
         return Image.fromarray(np.clip(high, 0, 255).astype(np.uint8), "L").convert("RGB")
-    if image.mode == "F":
+    if image.mode == "F":  # 32-bit float TIFF: taken as 0-255 values, clipped (no scale is recorded)
         return Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8), "L").convert("RGB")
     return image if image.mode == "RGB" else image.convert("RGB")
 
@@ -56,10 +61,24 @@ def open_rgb(path: Path | str) -> Image.Image:
         return to_rgb8(ImageOps.exif_transpose(image))
 
 
+def describe(exc: BaseException) -> str:
+    """An exception as "Type: first line of its message" (at most 120 characters of it)."""
+    text = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
+    return f"{type(exc).__name__}{': ' + text if text else ''}"
+
+
 def decode_failure(exc: BaseException) -> str:
-    """The reason recorded for a file that failed to decode: the exception's type and first line."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"cannot be decoded ({type(exc).__name__}{': ' + text[:120] if text else ''})"
+    """The reason recorded for a file that failed to decode."""
+    return f"cannot be decoded ({describe(exc)})"
+
+
+def problem(path: Path | str) -> str | None:
+    """Why the decode policy cannot decode this file, or None: the full check of one file."""
+    try:
+        open_rgb(path)
+    except Exception as exc:
+        return decode_failure(exc)
+    return None
 
 
 def is_16_bit(image: Image.Image) -> bool:

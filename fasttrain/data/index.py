@@ -23,12 +23,13 @@ import stat
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fasttrain.data.decode import DEFAULT_MAX_PIXELS, FORMATS
+from fasttrain.data.decode import DEFAULT_MAX_PIXELS, FORMATS, POLICY_VERSION, describe
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 POOL_THRESHOLD = 2_000   # files to probe before a process pool pays for its start-up
 PROGRESS_AFTER_S = 1.0   # show a progress bar for work that takes longer than this
 
@@ -59,6 +60,7 @@ class Probe:
     height: int
     problem: str | None  # why a file cannot be used; its category is the text before " (": "damaged", "empty"...
     dali: bool = False   # DALI's decoder gives the decode policy's pixels (decode.dali_decodes)
+    transient: bool = False  # the file could not be read (permissions, I/O): not remembered, read again next run
 
 
 def probe(path: str) -> Probe:
@@ -69,16 +71,19 @@ def probe(path: str) -> Probe:
 
     Image.MAX_IMAGE_PIXELS = None  # the index compares sizes with --max-image-pixels itself
     try:
-        if os.path.getsize(path) == 0:
-            return Probe(None, None, 0, 0, "empty (0 bytes)")
+        with open(path, "rb") as f:
+            if not f.read(1):
+                return Probe(None, None, 0, 0, "empty (0 bytes)")
+    except OSError as exc:
+        return Probe(None, None, 0, 0, f"unreadable ({exc.strerror or describe(exc)})", transient=True)
+    try:
         with Image.open(path, formats=FORMATS) as image:
             width, height = image.size
             fmt, mode, dali = image.format, image.mode, dali_decodes(image)
     except Image.UnidentifiedImageError:
         return Probe(None, None, 0, 0, "not an image")
     except Exception as exc:  # a header Pillow recognises but cannot parse
-        text = str(exc).strip().splitlines()[0][:100] if str(exc).strip() else ""
-        return Probe(None, None, 0, 0, f"damaged ({type(exc).__name__}{': ' + text if text else ''})")
+        return Probe(None, None, 0, 0, f"damaged ({describe(exc)})")
     if width < 1 or height < 1:
         return Probe(fmt, mode, width, height, "damaged (an image of size 0)")
     return Probe(fmt, mode, width, height, None, dali)
@@ -103,11 +108,13 @@ class Index:
     left_out: list[tuple[Path, str, str]] = field(default_factory=list)
     ignored: list[tuple[Path, str]] = field(default_factory=list)
     folders: set[tuple[str, ...]] = field(default_factory=set)
+    folder_notes: list[str] = field(default_factory=list)  # folders not read: link loops, duplicates, unreadable
     probed: int = 0        # headers read in this run (the rest came from the index cache)
     seconds: float = 0.0
 
     @property
     def files(self) -> int:
+        """Files found: each is in exactly one of images, left_out and ignored."""
         return len(self.images) + len(self.left_out) + len(self.ignored)
 
     def describe(self) -> str:
@@ -129,28 +136,41 @@ def ignore_rule(name: str, is_dir: bool) -> str | None:
 
 
 def _walk(root: Path, index: Index) -> list[tuple[Path, int, int]]:
-    """Every file under root as (path, size, mtime_ns); links to folders are followed, loops are not."""
-    found, seen = [], set()
-    stack = [(root, ())]
+    """Every file under root as (path, size, mtime_ns), in a fixed order whatever the file system lists.
+
+    Links to folders are followed, as torchvision's ImageFolder does. A link back to a folder on the
+    current path (a loop) is not followed; a second link to a folder already read is not read twice
+    (its images would count twice); both are noted.
+    """
+    found, seen = [], {}
+    stack = [(root, (), frozenset())]
     while stack:
-        folder, parts = stack.pop()
+        folder, parts, ancestors = stack.pop()
         try:
             st = os.stat(folder)
-            if (st.st_dev, st.st_ino) in seen:
-                index.left_out.append((folder, "link loop", "a folder link that leads back to a folder already read"))
+            key = (st.st_dev, st.st_ino)
+            if key in ancestors:
+                index.folder_notes.append(f"{shown(folder)}: a folder link that leads back to a folder above it; "
+                                          f"not followed")
                 continue
-            seen.add((st.st_dev, st.st_ino))
-            entries = list(os.scandir(folder))
+            if key in seen:
+                index.folder_notes.append(f"{shown(folder)}: the same folder as {shown(seen[key])}; read once, "
+                                          f"as {shown(seen[key])}")
+                continue
+            seen[key] = folder
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError as exc:
-            index.left_out.append((folder, "unreadable", f"folder cannot be read ({exc.strerror})"))
+            index.folder_notes.append(f"{shown(folder)}: folder cannot be read ({exc.strerror}); its files are "
+                                      f"not used")
             continue
         index.folders.add(parts)
+        below = []
         for entry in entries:
             path = Path(entry.path)
             try:
-                st = entry.stat()  # follows links, as torchvision's ImageFolder does
+                st = entry.stat()  # follows links
             except OSError:
-                index.left_out.append((path, "unreadable", "a broken link or a file that cannot be read"))
+                index.left_out.append((path, "unreadable", "unreadable (a broken link, or no permission)"))
                 continue
             is_dir = stat.S_ISDIR(st.st_mode)
             rule = ignore_rule(entry.name, is_dir)
@@ -160,11 +180,12 @@ def _walk(root: Path, index: Index) -> list[tuple[Path, int, int]]:
                 else:
                     index.ignored.append((path, rule))
             elif is_dir:
-                stack.append((path, parts + (entry.name,)))
+                below.append((path, parts + (entry.name,), ancestors | {key}))
             elif stat.S_ISREG(st.st_mode):
                 found.append((path, st.st_size, st.st_mtime_ns))
             else:
-                index.left_out.append((path, "not a file", "a device, socket or pipe"))
+                index.left_out.append((path, "not a file", "not a file (a device, socket or pipe)"))
+        stack += reversed(below)  # depth first, in name order
     return found
 
 
@@ -181,28 +202,39 @@ def _cache_file(root: Path) -> Path:
     return cache_dir() / "index" / f"{key}.pkl"
 
 
+def _cache_version() -> tuple:
+    """What remembered headers and verdicts depend on: this module, the decode policy and Pillow."""
+    from PIL import __version__ as pillow
+
+    return INDEX_VERSION, POLICY_VERSION, pillow
+
+
 def _load_cache(root: Path) -> dict:
     try:
         with open(_cache_file(root), "rb") as f:
             cached = pickle.load(f)
-        if cached.get("version") == INDEX_VERSION:
+        if cached.get("version") == _cache_version():
             return cached
     except Exception:  # absent, from another version, or damaged: rebuilt
         pass
-    return {"version": INDEX_VERSION, "probes": {}, "decoded": {}}
+    return {"version": _cache_version(), "probes": {}, "decoded": {}}
 
 
 def _save_cache(root: Path, cached: dict) -> None:
     """Best effort: a read-only home or a full disk costs the next run time, never this one."""
+    import tempfile
+
     path = _cache_file(root)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
             pickle.dump(cached, f, protocol=pickle.HIGHEST_PROTOCOL)
         os.replace(tmp, path)
     except OSError:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 class _Bar:
@@ -229,33 +261,63 @@ class _Bar:
             self.progress.stop()
 
 
+def _quiet_worker() -> None:
+    """Pool processes leave Ctrl-C to the main process, which stops the pool."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _parallel(function, items: list, chunk: int, what: str, workers: int | None, processes: bool) -> list:
-    """function(list_of_items) -> list of results, over chunks, in order, with a progress bar."""
+    """function(list_of_items) -> list of results, over chunks, in order, with a progress bar.
+
+    processes=True: a forkserver process pool (header parsing is Python code, which threads would
+    serialise); False: threads (Pillow releases the GIL while it decodes). Below POOL_THRESHOLD
+    items, or when a pool cannot start or breaks, the work runs in this process instead. Ctrl-C
+    cancels what has not started.
+    """
     bar = _Bar(what, len(items))
     chunks = [items[i:i + chunk] for i in range(0, len(items), chunk)]
-    results = []
+    results: list = []
+    if not workers:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     try:
-        if len(items) < POOL_THRESHOLD and processes:
-            for part in chunks:
-                results += function(part)
-                bar.advance(len(part))
-            return results
-        if not workers:
-            workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        if processes:
-            import multiprocessing
-
-            # forkserver: safe once CUDA or other threads exist in this process; this module imports no torch
-            pool = ProcessPoolExecutor(max(1, workers), mp_context=multiprocessing.get_context("forkserver"))
-        else:
-            pool = ThreadPoolExecutor(max(1, 2 * workers))
-        with pool:
-            for part in pool.map(function, chunks):
-                results += part
-                bar.advance(len(part))
+        if len(items) >= POOL_THRESHOLD and workers > 1:
+            try:
+                return _in_pool(function, chunks, workers, processes, bar)
+            except BrokenProcessPool:  # a worker died, or could not start: do it here instead
+                bar.done = 0
+        for part in chunks:
+            results += function(part)
+            bar.advance(len(part))
         return results
     finally:
         bar.close()
+
+
+def _in_pool(function, chunks: list, workers: int, processes: bool, bar: _Bar) -> list:
+    if processes:
+        import multiprocessing
+
+        # forkserver: safe once CUDA or other threads exist in this process; the server imports
+        # only this module (no torch), and each worker forks from it
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
+        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_quiet_worker)
+    else:
+        pool = ThreadPoolExecutor(2 * workers)
+    results = []
+    try:
+        futures = [pool.submit(function, part) for part in chunks]
+        for future in futures:
+            part = future.result()
+            results += part
+            bar.advance(len(part))
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+    return results
 
 
 def build_index(root: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS, workers: int | None = None) -> Index:
@@ -277,6 +339,7 @@ def build_index(root: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS, workers
         for path, result in zip(todo, results):
             probes[path] = (*stamp[path], result)
         index.probed = len(todo)
+        transient = {path for path, result in zip(todo, results) if result.transient}
     for path, size, mtime in sorted(found, key=lambda item: str(item[0])):  # str order: 3x faster than Path's
         result: Probe = probes[str(path)][2]
         if result.problem is not None:
@@ -289,7 +352,7 @@ def build_index(root: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS, workers
         else:
             index.images[path] = result
     if todo:
-        live = {str(p) for p, _, _ in found}
+        live = {str(p) for p, _, _ in found} - transient
         cached["probes"] = {k: v for k, v in probes.items() if k in live}
         _save_cache(root, cached)
     index.seconds = time.perf_counter() - started
@@ -297,16 +360,9 @@ def build_index(root: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS, workers
 
 
 def _decodes_many(paths: list[str]) -> list[str | None]:
-    from fasttrain.data.decode import decode_failure, open_rgb
+    from fasttrain.data.decode import problem
 
-    verdicts = []
-    for path in paths:
-        try:
-            open_rgb(path)
-            verdicts.append(None)
-        except Exception as exc:
-            verdicts.append(decode_failure(exc))
-    return verdicts
+    return [problem(path) for path in paths]
 
 
 def verify(paths: list[Path], root: Path | None = None, workers: int | None = None) -> list[tuple[Path, str]]:

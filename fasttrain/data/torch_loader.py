@@ -8,6 +8,7 @@ the order of fasttrain/data/order.py, like every other backend.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 from pathlib import Path
@@ -70,9 +71,12 @@ class EpochSampler(Sampler):
         return self.order.steps() * self.order.batch_size
 
 
-def _ignore_sigint(worker_id: int) -> None:
+def _init_worker(worker_id: int) -> None:
     # Ctrl-C is the main process's to handle: it finishes the step and saves; workers keep serving
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Objects inherited through fork are never collected here: a DALI pipeline that was garbage in
+    # the parent would run its destructor in this worker, where DALI's threads do not exist, and hang.
+    gc.freeze()
 
 
 class DeviceLoader:
@@ -93,6 +97,8 @@ class DeviceLoader:
         return self.order.steps()
 
     def __iter__(self):
+        if self.loader.num_workers and getattr(self.loader, "_iterator", None) is None:
+            gc.collect()  # workers are forked now: garbage (a finished DALI pipeline) is destroyed here, not there
         for images, labels, bad in self.loader:
             for i, reason in bad:
                 self.order.excluded.add(i)
@@ -121,7 +127,7 @@ def torch_loader(split, transform, batch_size: int, device: torch.device, train:
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
-        worker_init_fn=_ignore_sigint if workers > 0 else None,
+        worker_init_fn=_init_worker if workers > 0 else None,
         generator=torch.Generator().manual_seed(seed),  # seeds the workers' augmentation
     )
     return DeviceLoader(loader, order, list(split.files) if isinstance(split, FileSplit) else None, device,

@@ -73,9 +73,11 @@ def dataset_mean_std(split: ArraySplit | FileSplit, image_size: int) -> tuple[tu
         fit = v2.Compose(_fit(image_size))
         for i in sorted(pick):
             try:
-                add(np.asarray(fit(open_rgb(split.files[i]))))
+                image = open_rgb(split.files[i])
             except Exception as exc:
                 bad.append((split.files[i], decode_failure(exc)))
+                continue
+            add(np.asarray(fit(image)))
     mean = total / max(count, 1)
     std = np.sqrt(np.maximum(squares / max(count, 1) - mean * mean, 0))
     return tuple(float(m) for m in mean), tuple(float(max(s, 1e-3)) for s in std), bad
