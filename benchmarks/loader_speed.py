@@ -28,7 +28,8 @@ from benchmarks.photos import write_photos
 
 
 def measure(loader, device: torch.device, epochs: int) -> tuple[float, int]:
-    """Images per second over `epochs` timed epochs, after one warm-up epoch."""
+    """Images per second over `epochs` timed epochs, after one warm-up epoch, and how many images
+    arrived in them (counted batch by batch: a file that fails to decode shrinks its batch)."""
     for _ in loader:
         pass
     synchronize(device)
@@ -37,7 +38,10 @@ def measure(loader, device: torch.device, epochs: int) -> tuple[float, int]:
         for batch, _ in loader:
             images += batch.shape[0]
     synchronize(device)
-    return images / (time.perf_counter() - start), images
+    seconds = time.perf_counter() - start
+    if not images:
+        raise SystemExit("the loader delivered no images: nothing to time")
+    return images / seconds, images
 
 
 def main() -> int:
@@ -65,8 +69,11 @@ def main() -> int:
             recipe = get_recipe(args.model, "fast").replace(loader=loader, cache=cache, batch_size=args.batch_size)
             loaders = build_loaders(data, recipe, device, workers, seed=0)
             rate, images = measure(loaders.train, device, args.epochs)
-            rows.append({"loader": loaders.backend, "images_per_sec": rate, "images": images})
-            print(f"{loaders.backend:>10}: {rate:8.1f} images/s ({images} images, {workers} workers/threads)",
+            expected = args.epochs * len(loaders.train) * args.batch_size  # whole batches, no file skipped
+            rows.append({"loader": loaders.backend, "images_per_sec": rate, "images": images,
+                         "expected_images": expected})
+            short = f", {expected - images} fewer than {expected}: undecodable files" if images != expected else ""
+            print(f"{loaders.backend:>10}: {rate:8.1f} images/s ({images} images{short}, {workers} workers/threads)",
                   flush=True)
     base = rows[0]["images_per_sec"]
     for row in rows:

@@ -2,6 +2,8 @@
 
 Group `cifar`: the DataLoader with torchvision transforms against DALI (on the CPU, on the GPU)
 and DALI from the cache. Group `jpeg`: the same for bird-photo-sized JPEGs decoded to 224 px.
+images_per_sec counts the images that arrived, and every call must deliver a whole epoch: each
+batch of the recipe's shape, on the device, len(loader) of them.
 """
 
 from __future__ import annotations
@@ -23,12 +25,17 @@ VARIANTS = {
 }
 
 
-def _epoch(loader):
-    """Consume one epoch as the training loop would: every batch on the training device."""
+def _epoch(loader, batch: int, size: int) -> int:
+    """Consume one epoch as the training loop would: every batch on the training device.
+
+    Returns the images that arrived; every batch must have the training loop's shape.
+    """
     count = 0
     for images, labels in loader:
         if images.device != DEVICE:  # DALI on the CPU still has to reach the GPU
             images, labels = images.to(DEVICE, non_blocking=True), labels.to(DEVICE, non_blocking=True)
+        assert images.shape == (batch, 3, size, size) and labels.shape == (batch,), (images.shape, labels.shape)
+        assert images.device.type == DEVICE.type and images.dtype == torch.float32
         count += images.shape[0]
     return count
 
@@ -37,9 +44,10 @@ def _bench(benchmark, pipeline, variant, data, recipe, batch):
     loader, cache, where = VARIANTS[variant]
     loaders = build_loaders(data, recipe.replace(loader=loader, cache=cache, batch_size=batch), where,
                             default_workers(), seed=0)
-    images = len(loaders.train) * batch
-    run(benchmark, lambda: _epoch(loaders.train), pipeline=pipeline, variant=variant, batch_size=batch,
-        images=images, workers=default_workers(), backend=loaders.backend)
+    expected = len(data.train) // batch * batch  # training loaders deliver whole batches only
+    assert expected > 0 and len(loaders.train) * batch == expected
+    run(benchmark, lambda: _epoch(loaders.train, batch, recipe.image_size), pipeline=pipeline, variant=variant,
+        batch_size=batch, images=expected, counted=True, workers=default_workers(), backend=loaders.backend)
 
 
 def _skip_unavailable(variant):

@@ -14,11 +14,12 @@ from pathlib import Path
 
 
 from fasttrain.data.decode import DEFAULT_MAX_PIXELS
+from fasttrain.device import COMPILE_MODES
 from fasttrain.errors import RunError, UserError
 from fasttrain.recipes import Recipe, get_recipe, override
 
 RECIPE_FLAGS = ("epochs", "batch_size", "lr", "workers", "amp", "compile", "channels_last", "loader", "cache",
-                "weights")
+                "weights", "compile_mode")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -81,7 +82,13 @@ def _add_train_flags(p: argparse.ArgumentParser, model: str) -> None:
     p.add_argument("--lr", type=_positive_float, help="peak learning rate")
     p.add_argument("--workers", type=_non_negative_int, help="DataLoader processes (default: one per core)")
     p.add_argument("--amp", action=flag, help="mixed precision: bf16 where supported, else fp16 (default: on CUDA)")
-    p.add_argument("--compile", action=flag, help="torch.compile the model (default: on CUDA)")
+    p.add_argument("--compile", action=flag,
+                   help="torch.compile the training step: model and loss, with fused SGD (default: on CUDA)")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES,
+                   help="torch.compile mode (default: default; reduce-overhead replays CUDA graphs)")
+    p.add_argument("--save-every", type=_non_negative_int, default=1, metavar="N",
+                   help="write last.pt every N epochs, in the background (default 1; 0: only at the end and "
+                        "on Ctrl-C/SIGTERM)")
     p.add_argument("--channels-last", action=flag, help="NHWC memory format")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--out", type=Path, help="run folder (default runs/<model>-<timestamp>)")
@@ -130,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="top-1/top-5 and per-class accuracy, confusion matrix")
     p.add_argument("--checkpoint", type=Path, required=True, help="a run's best.pt or last.pt")
     p.add_argument("--data", type=Path, help="data set folder, as for training; its val/test split is evaluated")
+    p.add_argument("--split", choices=["val", "test", "all"], default="val",
+                   help="val: the validation split training used (default); test: the test/ folder beside "
+                        "train/ and valid/; all: every image under --data, as class folders")
     p.add_argument("--out", type=Path, default=Path("evaluation"))
     _add_inference_flags(p)
     p = sub.add_parser("preview", help="draw one batch after augmentation, as the model sees it")
@@ -222,7 +232,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from fasttrain.data.index import shown
 
     result = evaluate_checkpoint(args.checkpoint, args.data, args.out, args.device, args.batch_size, args.workers,
-                                 args.loader, args.max_image_pixels or None)
+                                 args.loader, args.max_image_pixels or None, args.split)
+    for note in result["notes"]:
+        print(f"note: {note}")
     for item in result["skipped"][:5]:
         print(f"not scored {item['path']}: {item['reason']}")
     if len(result["skipped"]) > 5:
@@ -232,12 +244,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
     table = Table("class", "images", "correct", "accuracy",
                   title="accuracy per class" + (" (10 worst, 10 best)" if len(rows) > 30 else ""))
     for r in listed:
-        table.add_row(r["class"], str(r["images"]), str(r["correct"]),
+        table.add_row(shown(r["class"]), str(r["images"]), str(r["correct"]),
                       "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%")
     console = Console()
     console.print(table)
     console.print(f"{result['data']}\ntop-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
-                  f"on {result['images']} images" + (f" ({len(result['skipped'])} files not scored)" if result["skipped"]
+                  f"on {result['images']} images" + (f" ({len(result['skipped'])} file{'s' if len(result['skipped']) > 1 else ''} not scored)" if result["skipped"]
                                                      else "") +
                   f"; wrote {args.out}/metrics.json, per_class.csv, confusion.png",
                   highlight=False)

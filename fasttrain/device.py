@@ -80,11 +80,36 @@ def prepare_model(model: nn.Module, device: torch.device, channels_last: bool) -
     return model.to(device=device, memory_format=memory_format)
 
 
-def maybe_compile(model: nn.Module, enabled: bool) -> nn.Module:
-    """torch.compile with static shapes: the loaders guarantee fixed batch shapes."""
+COMPILE_MODES = ("default", "max-autotune", "reduce-overhead")
+
+
+def compiler(enabled: bool, mode: str = "default"):
+    """torch.compile with static shapes (the loaders guarantee fixed batch shapes), or None when off.
+
+    mode: torch.compile's mode ("reduce-overhead" replays CUDA graphs). The backend is inductor,
+    or $FASTTRAIN_COMPILE_BACKEND ("eager", "aot_eager": Dynamo's graph capture without code
+    generation, which needs no C++ toolchain; the tests use it to count graphs on a CPU).
+    Compiled code is cached on disk (torch's FX graph and AOT autograd caches, in
+    $TORCHINDUCTOR_CACHE_DIR, by default under fasttrain's cache folder), so a second run of the
+    same recipe compiles much faster.
+    """
     if not enabled:
-        return model
-    return torch.compile(model, dynamic=False)
+        return None
+    import functools
+    import os
+
+    from fasttrain.data.index import cache_dir
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+    backend = os.environ.get("FASTTRAIN_COMPILE_BACKEND", "inductor")
+    options = {"mode": mode} if backend == "inductor" and mode != "default" else {}
+    return functools.partial(torch.compile, dynamic=False, backend=backend, **options)
+
+
+def maybe_compile(model: nn.Module, enabled: bool, mode: str = "default") -> nn.Module:
+    """The model compiled (see `compiler`), or the model itself when compiling is off."""
+    compile_ = compiler(enabled, mode)
+    return compile_(model) if compile_ is not None else model
 
 
 def synchronize(device: torch.device) -> None:

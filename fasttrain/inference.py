@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fasttrain.data import build_eval_loader, open_dataset
+from fasttrain.data import build_eval_loader
 from fasttrain.data.cifar import read_cifar_split
-from fasttrain.data.datasets import NOT_A_SPLIT
+from fasttrain.data.datasets import NOT_A_SPLIT, open_for_evaluation, same_name
 from fasttrain.data.decode import DEFAULT_MAX_PIXELS
-from fasttrain.data.index import Index, build_index, shown
+from fasttrain.data.index import Index, build_index, probe, shown
 from fasttrain.data.splits import ArraySplit, FileSplit
 from fasttrain.data.torch_loader import default_workers
 from fasttrain.device import choose_precision, device_name, prepare_model, resolve_device
@@ -81,10 +81,14 @@ def _inputs(path: Path, max_pixels: int | None) -> tuple[ArraySplit | FileSplit,
     """Images to predict: a CIFAR-format pickle file, or every image under a folder (recursively),
     read through the data index: each file is an image with a row, or left out and named."""
     if path.is_file():
+        one = probe(str(path))
+        if one.problem is None:  # a single image
+            return (FileSplit([path], np.zeros(1, dtype=np.int64), np.array([not one.dali])), [path.name], True,
+                    None)
         try:
             split = read_cifar_split(path, labels_required=False)
         except UserError as exc:
-            raise UserError(f"--data {exc}") from None
+            raise UserError(f"--data {shown(path)}: neither an image nor a CIFAR python pickle ({exc})") from None
         return split, [str(i) for i in range(len(split))], False, None
     if not path.is_dir():
         raise UserError(f"--data {shown(path)}: no such file or folder")
@@ -153,7 +157,7 @@ def predict(checkpoint: Path, data: Path, out: Path, top_k: int = 1, device_name
 
 def evaluate_checkpoint(checkpoint: Path, data: Path | None, out: Path, device_name_: str = "auto",
                         batch_size: int = 256, workers: int | None = None, loader: str = "auto",
-                        max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict:
+                        max_pixels: int | None = DEFAULT_MAX_PIXELS, split: str = "val") -> dict:
     """Top-1/top-5, per-class accuracy and the confusion matrix of a checkpoint on a data set's val split.
 
     The data set is opened as training opens it (the data index); files of the val split that are
@@ -163,18 +167,18 @@ def evaluate_checkpoint(checkpoint: Path, data: Path | None, out: Path, device_n
     _writable(out / "metrics.json", "the evaluation")
     device = resolve_device(device_name_)
     trained = load_trained(checkpoint, device, batch_size)
-    dataset = open_dataset(trained.model_name, data, max_pixels=max_pixels)
-    if dataset.classes != trained.classes:
+    dataset = open_for_evaluation(trained.model_name, data, split, trained.classes, max_pixels)
+    if [same_name(c) for c in dataset.classes] != [same_name(c) for c in trained.classes]:
         first = next((a, b) for a, b in itertools.zip_longest(dataset.classes, trained.classes) if a != b)
         raise UserError(f"--data {data}: its {dataset.num_classes} classes differ from the checkpoint's "
                         f"{len(trained.classes)} (first difference: data {first[0]!r}, checkpoint {first[1]!r})")
-    split = dataset.val
+    scored = dataset.val
     # what the val split lost before loading: files left out of its folder (with a val/ folder), or
     # any file left out (when val is a share of each class, a left-out file may have been in it)
     val_dir = dataset.split_dirs.get("val")
     skipped = [(p, detail) for p, category, detail in dataset.left_out
                if (val_dir in p.parents if val_dir else category not in NOT_A_SPLIT)]
-    eval_loader, backend = build_eval_loader(split, dataset.kind == "folder", trained.recipe, device,
+    eval_loader, backend = build_eval_loader(scored, dataset.kind == "folder", trained.recipe, device,
                                              workers if workers is not None else default_workers(),
                                              trained.mean, trained.std, loader,
                                              on_skip=lambda path, why: skipped.append((path, why)))
@@ -185,7 +189,8 @@ def evaluate_checkpoint(checkpoint: Path, data: Path | None, out: Path, device_n
     per_class = [{"class": name, "images": int(confusion[i].sum()), "correct": int(confusion[i, i]),
                   "accuracy": float(confusion[i, i] / confusion[i].sum()) if confusion[i].sum() else None}
                  for i, name in enumerate(trained.classes)]
-    result = {"checkpoint": str(checkpoint), "data": dataset.describe(), "split": "val", "images": int(len(labels)),
+    result = {"checkpoint": str(checkpoint), "data": dataset.describe(), "split": split, "notes": dataset.notes,
+              "images": int(len(labels)),
               "top1": float((top[:, 0] == labels).mean()),
               "top5": float((top == labels[:, None]).any(1).mean()), "loader": backend,
               "device": device_name(device),
@@ -225,7 +230,7 @@ def plot_confusion(confusion: np.ndarray, classes: list[str], out: Path, title: 
     fig.colorbar(image, ax=ax, fraction=0.04, label="share of the true class (power scale)")
     step = 1 if n <= 40 else max(1, n // 40)
     ticks = np.arange(0, n, step)
-    labels = [classes[i] if n <= 40 else str(i) for i in ticks]
+    labels = [shown(classes[i]) if n <= 40 else str(i) for i in ticks]
     ax.set_xticks(ticks, labels, rotation=90, fontsize=7 if n <= 40 else 9)
     ax.set_yticks(ticks, labels, fontsize=7 if n <= 40 else 9)
     big = {"fontsize": 10 if n <= 40 else 14}

@@ -1,7 +1,9 @@
 """A run's folder: metrics.jsonl, summary.json, curves.png and checkpoints, all written safely.
 
 Files that replace earlier versions (checkpoints, summary.json) are written to a temporary file,
-fsynced and renamed, so a crash or a full disk leaves the previous version intact.
+fsynced and renamed, so a crash or a full disk leaves the previous version intact. `RunWriter`
+does the writing on a background thread, so the training thread only takes a snapshot of the
+state and goes on.
 """
 
 from __future__ import annotations
@@ -60,12 +62,25 @@ def remove_if_empty(folders: list[Path]) -> None:
 
 @contextlib.contextmanager
 def _writing(what: str, where: Path):
-    """A full disk or a vanished folder: one line for the user, the earlier version kept."""
+    """A full disk or a vanished folder: one line for the user, the earlier version kept.
+
+    torch.save reports a failed write as a RuntimeError from its zip writer ("unexpected pos"),
+    not an OSError: that is a write failure too, named by the free space left.
+    """
     try:
         yield
     except OSError as exc:
         raise UserError(f"cannot write {what} in {where} ({exc.strerror or exc}); the previous {what} is intact") \
             from None
+    except RuntimeError as exc:
+        if "inline_container" not in str(exc) and "unexpected pos" not in str(exc):
+            raise
+        try:
+            free = shutil.disk_usage(where).free
+            why = "No space left on device" if free < 64 * 2**20 else f"the write failed with {free / 2**30:.1f} GiB free"
+        except OSError:
+            why = "the write failed"
+        raise UserError(f"cannot write {what} in {where} ({why}); the previous {what} is intact") from None
 
 
 class RunDir:
@@ -89,6 +104,9 @@ class RunDir:
             raise UserError(f"--out {self.path}: cannot write there ({exc.strerror})") from None
         if resume and not self.last.is_file():
             raise UserError(f"--resume: no checkpoint {self.last}; start a new run without --resume")
+        if resume:  # temporary files of a process that was killed while writing: never a valid file
+            for orphan in self.path.glob(".*.tmp"):
+                orphan.unlink(missing_ok=True)
         if not resume and any((self.path / name).exists() for name in RUN_FILES):
             raise UserError(f"--out {self.path} holds a run already; pass --resume to continue it, "
                             f"or choose another --out")
@@ -166,3 +184,106 @@ def load_checkpoint(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise UserError(f"{path}: not a readable fasttrain checkpoint ({type(exc).__name__})") from None
+
+
+class RunWriter:
+    """Writes a run's outputs on one background thread, in the order they were asked for.
+
+    The training thread hands over a job and goes on; it is blocked only (a) to snapshot a
+    checkpoint's tensors (device to host, into buffers reused from one checkpoint to the next) and
+    (b) when a checkpoint is asked for while the previous one is still being written: at most one
+    is in flight, so snapshots never pile up in memory. `blocked_s` sums both. A job that failed is
+    reported, as the UserError it raised, at the next call on the training thread (or at `close`).
+    """
+
+    def __init__(self, run_dir: RunDir):
+        import queue
+        import threading
+
+        self.run_dir = run_dir
+        self.blocked_s = 0.0
+        self._jobs: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._checkpoint_done = threading.Event()
+        self._checkpoint_done.set()
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._thread = threading.Thread(target=self._work, name="fasttrain-writer", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while True:
+            job, done = self._jobs.get()
+            if job is None:
+                return
+            try:
+                if self._error is None:
+                    job()
+            except BaseException as exc:  # reported on the training thread
+                self._error = exc
+            finally:
+                if done is not None:
+                    done.set()
+                self._jobs.task_done()
+
+    def _raise_failure(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def submit(self, job: Callable[[], None]) -> None:
+        """Run job() on the writer thread, after everything submitted before it."""
+        self._raise_failure()
+        self._jobs.put((job, None))
+
+    def checkpoint(self, state: dict, best: bool) -> None:
+        """Snapshot `state` now, write it as last.pt (and best.pt) in the background."""
+        import time
+
+        started = time.perf_counter()
+        self._checkpoint_done.wait()  # at most one checkpoint in flight
+        self._raise_failure()
+        snapshot = self._snapshot(state)
+        self.blocked_s += time.perf_counter() - started
+        self._checkpoint_done.clear()
+        self._jobs.put((lambda: self.run_dir.save_checkpoint(snapshot, best), self._checkpoint_done))
+
+    def _snapshot(self, state, prefix: str = ""):
+        """A copy of every tensor in `state` on the host: the training thread may change the originals.
+
+        CUDA tensors go into pinned buffers kept from the last checkpoint (non-blocking copies,
+        then one synchronize); host tensors are cloned.
+        """
+        if isinstance(state, torch.Tensor):
+            if state.device.type != "cuda":
+                return state.detach().clone()
+            buffer = self._buffers.get(prefix)
+            if buffer is None or buffer.shape != state.shape or buffer.dtype != state.dtype:
+                buffer = self._buffers[prefix] = torch.empty(state.shape, dtype=state.dtype, pin_memory=True)
+            buffer.copy_(state.detach(), non_blocking=True)
+            return buffer
+        if isinstance(state, dict):
+            out = {k: self._snapshot(v, f"{prefix}/{k}") for k, v in state.items()}
+        elif isinstance(state, (list, tuple)):
+            out = type(state)(self._snapshot(v, f"{prefix}/{i}") for i, v in enumerate(state))
+        else:
+            return state
+        if not prefix and torch.cuda.is_available() and self._buffers:
+            torch.cuda.synchronize()  # the pinned copies are complete before the writer reads them
+        return out
+
+    def flush(self) -> None:
+        """Wait for every job so far; raise the first failure."""
+        import time
+
+        started = time.perf_counter()
+        self._jobs.join()
+        self.blocked_s += time.perf_counter() - started
+        self._raise_failure()
+
+    def close(self) -> None:
+        """Finish every job and stop the thread; raises a failure not reported yet."""
+        if self._thread.is_alive():
+            self._jobs.join()
+            self._jobs.put((None, None))
+            self._thread.join()
+        self._raise_failure()

@@ -41,7 +41,7 @@ def preview(model: str, data_path: Path | None, loader: str, split: str, out: Pa
     mean = torch.tensor(loaders.mean).view(1, 3, 1, 1)
     std = torch.tensor(loaders.std).view(1, 3, 1, 1)
     pictures = (images.float().cpu() * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
-    names = [data.classes[i] for i in labels.cpu().tolist()]
+    names = [shown(data.classes[i]) for i in labels.cpu().tolist()]
     _draw(pictures, names, out, f"{model} {split} batch, loader {loaders.backend}, recipe {recipe.name}")
     for note in loaders.notes:
         say(f"note: {note}")

@@ -42,6 +42,8 @@ class Recipe:
     workers: int | None            # DataLoader processes / DALI threads; None = one per core
     cache: Literal["auto", "gpu", "none"]  # DALI: keep the decoded data set on the GPU (auto: if it fits)
     warmup_start: float = 0.1      # warm-up starts at this fraction of lr
+    compile_mode: str = "default"  # torch.compile mode: default, max-autotune, reduce-overhead (CUDA graphs);
+                                   # default until a GPU measurement says another is faster for the recipe
 
     def replace(self, **changes) -> "Recipe":
         return dataclasses.replace(self, **changes)
@@ -151,5 +153,6 @@ def override(recipe: Recipe, changes: dict) -> Recipe:
 
 
 def recipe_from_dict(fields: dict) -> Recipe:
-    """Rebuild a recipe saved in a checkpoint or summary.json."""
-    return Recipe(**fields)
+    """Rebuild a recipe saved in a checkpoint or summary.json (older ones lack newer fields: defaults)."""
+    known = {f.name for f in dataclasses.fields(Recipe)}
+    return Recipe(**{k: v for k, v in fields.items() if k in known})

@@ -26,13 +26,15 @@ from fasttrain.data.synthetic import SYNTHETIC_SIZES
 from fasttrain.data.index import shown, verify
 from fasttrain.errors import RunError, UserError
 from fasttrain.models import DEFAULT_CLASSES, build_model, trainable_parameters
-from fasttrain.outputs import RunDir, load_checkpoint
+from fasttrain.outputs import RunDir, RunWriter, load_checkpoint
 from fasttrain.progress import SilentReporter, make_reporter
 from fasttrain.recipes import Recipe, override, recipe_from_dict
-from fasttrain.train import EpochRecord, Interrupted, NonFiniteLoss, fit, make_optimizer, make_scheduler
+from fasttrain.train import (EpochRecord, ForwardLoss, Interrupted, NonFiniteLoss, TrainStep, fit, make_optimizer,
+                             make_scheduler)
 
 
 SHOW_SKIPPED = 5  # damaged files named on screen; all of them go to skipped.txt
+TIME_PARTS = ("startup_s", "compile_s", "train_s", "eval_s", "outputs_s", "other_s")
 # categories of left-out files that --strict refuses (fasttrain/data/index.py names them)
 DAMAGE = ("damaged", "empty", "unreadable", "too large")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".png", ".webp", ".gif", ".tif", ".tiff", ".bmp", ".ppm", ".pgm")
@@ -53,6 +55,23 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
     kind, key, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
+
+
+def process_start_time() -> float:
+    """When this process started, as the OS records it (Unix time, seconds; 10 ms resolution on Linux).
+
+    /proc/self/stat gives the start in clock ticks since boot and /proc/uptime the time since boot,
+    so imports and everything before main() are counted. Elsewhere: when this module was imported.
+    """
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return _IMPORTED
+
+
+_IMPORTED = time.time()
 
 
 def seed_everything(seed: int) -> None:
@@ -85,7 +104,10 @@ class TrainingSession:
         self.args, self.argv, self.versions = args, list(argv), versions()
         self.command = shlex.join(["python", "-m", "fasttrain", *argv])
         self.overrides, self.notes, self.skipped = overrides, [], []
-        self.reporter, self.stop_signal = None, None
+        self.reporter, self.stop_signal, self.writer = None, None, None
+        self.clock_start = process_start_time()
+        self.clock = dict.fromkeys(TIME_PARTS, 0.0)
+        self.graphs: list[int] = []  # graphs Dynamo compiled in each epoch of this process
         self.dist = distributed.from_env()
         self.device = distributed.local_device(self.dist, dev.resolve_device(args.device))
         distributed.init(self.dist, self.device)
@@ -230,7 +252,8 @@ class TrainingSession:
         self.model = self._model(self.data.num_classes)
         # the recipe's lr is for its batch on one GPU; the global batch is world_size times that
         optimizer = make_optimizer(trainable_parameters(self.model),
-                                   dataclasses.replace(recipe, lr=recipe.lr * self.dist.world_size))
+                                   dataclasses.replace(recipe, lr=recipe.lr * self.dist.world_size),
+                                   fused=device.type == "cuda")
         steps = len(self.loaders.train)
         scheduler = make_scheduler(optimizer, recipe, steps)
         scaler = self.precision.grad_scaler()
@@ -246,27 +269,37 @@ class TrainingSession:
             self.rows = self.run_dir.keep_metrics_through(ck["epoch"])
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
         loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
-        compiled = dev.maybe_compile(self._parallel(self.model), self.compile)
+        parallel = self._parallel(self.model)
+        compile_ = dev.compiler(self.compile, recipe.compile_mode)
+        # the model and its loss are compiled as one graph for training; the model alone for evaluation
+        forward_loss = ForwardLoss(parallel, loss_fn)
+        step_fn = TrainStep(compile_(forward_loss) if compile_ else forward_loss, optimizer, scheduler, scaler,
+                            self.precision)
+        eval_model = compile_(parallel) if compile_ else parallel
+        self.writer = RunWriter(self.run_dir) if self.dist.is_main else None
 
         self.reporter = make_reporter() if self.dist.is_main else SilentReporter()
         self._announce(start_epoch, start_step)
         self.started = time.perf_counter()
+        self.clock["startup_s"] = time.time() - self.clock_start
         self.prior_time_s = ck.get("total_time_s", 0.0) if ck else 0.0
         self.status = "running"
         # fp16's GradScaler skips overflowing steps itself: only a long streak means divergence
         patience = 25 if self.precision.name == "fp16" else 1
         with self._signals():
             try:
-                fit(compiled, self.loaders.train, self.loaders.val, optimizer, scheduler, scaler, loss_fn,
-                    self.precision, device, recipe.epochs, start_epoch, start_step, compiled=self.compile,
+                fit(step_fn, parallel, eval_model, self.loaders.train, self.loaders.val, self.precision, device,
+                    recipe.epochs, start_epoch, start_step, compiled=self.compile,
                     observer_for=lambda epoch: self.reporter.start_epoch(epoch, recipe.epochs, steps),
-                    on_epoch_end=self._epoch_end, should_stop=self._should_stop, nonfinite_patience=patience)
+                    on_epoch_end=self._epoch_end, should_stop=self._should_stop, nonfinite_patience=patience,
+                    tally_compiler=compile_)
             except Interrupted as stop:
                 return self._stopped(stop.epoch, stop.steps)
             except NonFiniteLoss as bad:
                 self.status = "diverged"
                 if self.dist.is_main:
                     self._write_summary()
+                    self.writer.close()
                 self.close()
                 last = f"the last good checkpoint is {self.run_dir.last}" if self.run_dir.last.exists() else \
                     "no checkpoint was written yet"
@@ -276,7 +309,14 @@ class TrainingSession:
             return self._stopped(self.rows[-1]["epoch"] + 1 if self.rows else start_epoch, 0)
         self.status = "finished"
         if self.dist.is_main:
-            self._write_summary()
+            started = time.perf_counter()
+            last = self.rows[-1]["epoch"] if self.rows else start_epoch - 1
+            if last != recipe.epochs:  # the end is always saved (_epoch_end saved the last epoch already)
+                self.writer.checkpoint(self._checkpoint_state(last, 0), best=False)
+            self.writer.flush()
+            self.clock["outputs_s"] += time.perf_counter() - started
+            self._write_summary()  # with the time the last writes took
+            self.writer.close()
         self.close()
         if self.dist.is_main:
             self._farewell()
@@ -325,13 +365,14 @@ class TrainingSession:
                 signal.signal(s, h)
 
     def _stopped(self, epoch: int, steps: int) -> int:
-        """Save the state after the last whole step of `epoch` and say how to resume."""
+        """Save the state after the last whole step of `epoch`, wait for every write, say how to resume."""
         self.status = "interrupted"
         self.close()
         if not self.dist.is_main:
             return 128 + (self.stop_signal or signal.SIGTERM)
-        self.run_dir.save_checkpoint(self._checkpoint_state(epoch - 1, steps), best=False)
+        self.writer.checkpoint(self._checkpoint_state(epoch - 1, steps), best=False)
         self._write_summary()
+        self.writer.close()
         where = f"epoch {epoch}, step {steps}" if steps else f"the end of epoch {epoch - 1}"
         print(f"stopped at {where}; saved {self.run_dir.last}. Resume with: {self.resume_command()}", file=sys.stderr)
         return 128 + (self.stop_signal or signal.SIGTERM)
@@ -356,10 +397,16 @@ class TrainingSession:
     def _epoch_end(self, record: EpochRecord) -> None:
         t, v = record.train, record.val
         self.compile_s += t.compile_s + v.compile_s
+        clock = self.clock
+        clock["compile_s"] += t.compile_s + v.compile_s
+        clock["train_s"] += t.seconds + t.warmup_s
+        clock["eval_s"] += v.seconds - v.compile_s
+        self.graphs.append(record.graphs_compiled)
         row = {"epoch": record.epoch, "train_loss": t.loss, "train_acc": t.acc, "val_loss": v.loss,
                "val_acc": v.acc, "val_top5": v.top5, "images_per_sec": t.images_per_sec,
                "data_wait_fraction": t.data_wait_fraction, "epoch_time_s": t.seconds, "train_images": t.images,
-               "compile_time_s": t.compile_s + v.compile_s, "lr": record.lr}
+               "compile_time_s": t.compile_s + v.compile_s, "warmup_s": t.warmup_s, "eval_time_s": v.seconds,
+               "graphs_compiled": record.graphs_compiled, "lr": record.lr}
         if t.start_step:
             row["resumed_at_step"] = t.start_step  # train_loss/acc cover the steps after the resume
         if not np.isfinite(t.loss):
@@ -370,14 +417,19 @@ class TrainingSession:
         self.best_acc = max(self.best_acc, v.acc)
         if not self.dist.is_main:
             return
-        self.run_dir.append_metrics(row)
+        started = time.perf_counter()
         self.reporter.end_epoch(row)
-        self.run_dir.save_checkpoint(self._checkpoint_state(record.epoch, 0), best=best)
-        self.run_dir.plot_curves(self.rows, f"{self.args.command}, recipe {self.recipe.name}, "
-                                            f"{dev.device_name(self.device)}" +
-                                 (f" x {self.dist.world_size}" if self.dist.enabled else ""),
-                                 self.recipe.label_smoothing)
+        # the writer thread does the writing; this thread only snapshots the checkpoint's tensors
+        self.writer.submit(lambda: self.run_dir.append_metrics(row))
+        every = self.args.save_every
+        if (every and record.epoch % every == 0) or record.epoch == self.recipe.epochs:
+            self.writer.checkpoint(self._checkpoint_state(record.epoch, 0), best=best)
+        rows, title = list(self.rows), (f"{self.args.command}, recipe {self.recipe.name}, "
+                                        f"{dev.device_name(self.device)}" +
+                                        (f" x {self.dist.world_size}" if self.dist.enabled else ""))
+        self.writer.submit(lambda: self.run_dir.plot_curves(rows, title, self.recipe.label_smoothing))
         self._write_summary()
+        clock["outputs_s"] += time.perf_counter() - started
 
     def _checkpoint_state(self, epoch: int, step: int) -> dict:
         """Everything to continue exactly: `epoch` epochs finished, then `step` steps of the next."""
@@ -390,12 +442,27 @@ class TrainingSession:
                 "best_val_acc": self.best_acc, "compile_time_s": self.compile_s,
                 "total_time_s": self.prior_time_s + time.perf_counter() - self.started}
 
+    def _times(self) -> dict:
+        """Where this process's wall clock went, in seconds: the parts add up to wall_s.
+
+        wall_s runs from the process start as the OS records it; startup_s to the first training
+        step (imports, data index, statistics, loaders, model); compile_s the compiling steps and
+        batches; train_s the training steps (warm-up steps after compiling included); eval_s
+        evaluation; outputs_s the time the training thread spent on checkpoints (their snapshot,
+        or waiting for the previous one), metrics, plots and summaries; other_s the rest (the
+        progress display, loaders starting each epoch, closing).
+        """
+        clock = dict(self.clock)
+        clock["wall_s"] = time.time() - self.clock_start
+        clock["other_s"] = clock["wall_s"] - sum(clock[k] for k in TIME_PARTS if k != "other_s")
+        return {k: round(clock[k], 3) for k in ("wall_s", *TIME_PARTS)}
+
     def _write_summary(self) -> None:
         rows = self.rows
         images = sum(r["train_images"] for r in rows)
         seconds = sum(r["epoch_time_s"] for r in rows)
         best = max(rows, key=lambda r: r["val_acc"]) if rows else None
-        self.run_dir.write_summary({
+        summary = ({
             "status": self.status, "model": self.args.command, "recipe": dataclasses.asdict(self.recipe),
             "command": self.command, "versions": self.versions, "device": dev.device_name(self.device),
             "precision": self.precision.name, "compiled": self.compile, "loader": self.loaders.backend,
@@ -415,8 +482,11 @@ class TrainingSession:
             "mean_data_wait_fraction": (sum(r["data_wait_fraction"] * r["epoch_time_s"] for r in rows) / seconds
                                         if seconds else None),
             "skipped_files": len(self.skipped), "files": self.data.file_counts(), "seed": self.args.seed,
+            "time": self._times(), "save_every": self.args.save_every,
+            "graphs_compiled": sum(self.graphs), "recompiles": sum(self.graphs[1:]) if self.compile else None,
             "determinism": self._determinism(),
         })
+        self.writer.submit(lambda: self.run_dir.write_summary(summary))
 
     def _determinism(self) -> dict:
         """What a rerun with the same --seed reproduces, and what it does not."""
@@ -435,9 +505,12 @@ class TrainingSession:
         last = self.rows[-1] if self.rows else None
         if last is None:
             return
+        t = self._times()
         print(f"done: val acc {100 * last['val_acc']:.2f}% (best {100 * self.best_acc:.2f}%), "
-              f"{last['images_per_sec']:,.0f} img/s in the last epoch, compile {self.compile_s:.1f}s; "
-              f"outputs in {self.run_dir.path}")
+              f"{last['images_per_sec']:,.0f} img/s in the last epoch; outputs in {self.run_dir.path}")
+        print(f"time: {t['wall_s']:.1f}s wall = startup {t['startup_s']:.1f}s + compile {t['compile_s']:.1f}s + "
+              f"train {t['train_s']:.1f}s + eval {t['eval_s']:.1f}s + outputs {t['outputs_s']:.1f}s + "
+              f"other {t['other_s']:.1f}s")
 
     def close(self) -> None:
         if self.reporter is not None:

@@ -7,9 +7,13 @@
   against the same torch ops.
 
 Variants are `<layout>-<precision>-<mode>`: NCHW or NHWC; fp32, tf32, bf16 or fp16 (tf32 and fp16
-on CUDA only); eager, or compiled (CUDA only, for the fast recipe's NHWC bf16). Compute rows report
-TFLOP/s and their share of the measured dense matmul peak of the same precision; the augmentation
-rows report GB/s (bytes read plus written) and their share of the measured device copy bandwidth.
+on CUDA only); eager, or compiled (CUDA only, for the fast recipe's NHWC bf16). fp32 rows run with
+TF32 off for matmuls and cuDNN, tf32 rows with it on for both. Compute rows report TFLOP/s and
+their share of the measured peak of the same precision (benchmarks.common.measure_peaks: the faster
+of a large matmul and a large 3x3 convolution, under the same TF32 settings), with the datasheet
+peak beside it; the augmentation rows report GB/s (bytes read plus written) and their share of the
+measured device copy bandwidth. Each call's output shape and gradient are checked, so a plain
+`pytest` run fails on a kernel that computes the wrong thing.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ PRECISIONS = ["fp32", "tf32", "bf16", "fp16"] if CUDA else ["fp32", "bf16"]
 DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CONV_BLOCKS = {1: (3, 64, 32), 2: (64, 128, 32), 3: (128, 256, 16), 4: (256, 512, 16)}  # c_in, c_out, side
 RESNET_INPUTS = {1: (64, 56), 2: (64, 56), 3: (128, 28), 4: (256, 14)}                   # channels, side
+RESNET_OUTPUTS = {1: (64, 56, 56), 2: (128, 28, 28), 3: (256, 14, 14), 4: (512, 7, 7)}  # one sample's output
 
 
 def variants():
@@ -47,7 +52,8 @@ def train_flops(make_module, shape: tuple) -> float:
     return counter.get_total_flops()
 
 
-def _bench_module(benchmark, peaks, group, make_module, shape, layout, precision, mode):
+def _bench_module(benchmark, peaks, group, make_module, shape, layout, precision, mode, out_shape):
+    """Time forward plus backward of a batch; out_shape: one sample's output, checked every call."""
     batch = SIZES.kernel_batch
     memory_format = torch.channels_last if layout == "nhwc" and len(shape) == 3 else torch.contiguous_format
     dtype = DTYPES[precision]
@@ -55,13 +61,20 @@ def _bench_module(benchmark, peaks, group, make_module, shape, layout, precision
     x = torch.randn(batch, *shape, device=DEVICE, dtype=dtype).contiguous(memory_format=memory_format)
     x.requires_grad_(True)
     fn = maybe_compile(module, mode == "compiled")
+    flops = batch * train_flops(make_module, shape)
+    assert flops > 0
+    outputs = []
 
-    def step():  # fp32 means fp32: cuDNN's TF32 default is off unless the variant asks for it
+    def step():  # fp32 means fp32: TF32 off for matmuls and cuDNN (whose default is on) unless the variant asks
         with tf32(precision == "tf32"):
-            fn(x).sum().backward()
+            out = fn(x)
+            out.sum().backward()
+        outputs.append(out.shape)
 
     run(benchmark, step, pipeline=group, variant=f"{layout}-{precision}-{mode}", batch_size=batch,
-        images=batch, flops=batch * train_flops(make_module, shape), peak=peaks, precision=precision)
+        images=batch, flops=flops, peak=peaks, precision=precision)
+    assert set(outputs) == {(batch, *out_shape)}, outputs
+    assert x.grad is not None and x.grad.shape == x.shape and torch.isfinite(x.grad).all()
 
 
 def _conv_block(c_in, c_out):
@@ -73,13 +86,13 @@ def _conv_block(c_in, c_out):
 def test_cnn_conv_block(benchmark, peaks, block, layout, precision, mode):
     c_in, c_out, side = CONV_BLOCKS[block]
     _bench_module(benchmark, peaks, f"kernel-cnn-conv{block}", functools.partial(_conv_block, c_in, c_out),
-                  (c_in, side, side), layout, precision, mode)
+                  (c_in, side, side), layout, precision, mode, (c_out, side, side))
 
 
 @pytest.mark.parametrize("precision, mode", [(p, m) for _, p, m in variants() if _ == "nchw" or m == "compiled"])
 def test_cnn_linear(benchmark, peaks, precision, mode):
     _bench_module(benchmark, peaks, "kernel-cnn-linear", functools.partial(nn.Linear, 32768, 2048), (32768,),
-                  "nchw" if mode == "eager" else "nhwc", precision, mode)
+                  "nchw" if mode == "eager" else "nhwc", precision, mode, (2048,))
 
 
 def _resnet_stage(stage):
@@ -92,7 +105,7 @@ def _resnet_stage(stage):
 def test_resnet_stage(benchmark, peaks, stage, layout, precision, mode):
     channels, side = RESNET_INPUTS[stage]
     _bench_module(benchmark, peaks, f"kernel-resnet-layer{stage}", functools.partial(_resnet_stage, stage),
-                  (channels, side, side), layout, precision, mode)
+                  (channels, side, side), layout, precision, mode, RESNET_OUTPUTS[stage])
 
 
 # ---- augmentation ---------------------------------------------------------------------------
@@ -125,6 +138,13 @@ def test_augment_torch(benchmark, peaks, uint8_batch):
 
     run(benchmark, augment, pipeline="kernel-augment", variant="torch", batch_size=batch, images=batch,
         bytes_moved=_augment_bytes(batch), peak=peaks)
+    out = augment()
+    assert out.shape == (batch, 3, AUG_CROP, AUG_CROP) and out.dtype == torch.float32
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    # the first image, by hand: its crop, flipped or not, normalised
+    first = uint8_batch[0, offset:offset + AUG_CROP, offset:offset + AUG_CROP].float()
+    first = first.flip(1) if flip[0] else first
+    torch.testing.assert_close(out[0], ((first - mean) * scale).permute(2, 0, 1))
 
 
 @needs_dali()

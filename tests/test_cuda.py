@@ -20,8 +20,11 @@ def test_compiled_amp_training_on_cuda(model, extra, tmp_path):
     assert summary["compiled"] and summary["precision"] in ("bf16", "fp16")
     assert summary["compile_time_s"] > 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    # the second epoch runs the compiled graphs again: no recompilation is timed into it
-    assert rows[1]["compile_time_s"] == 0 and rows[1]["images_per_sec"] > 0
+    # Dynamo's own count: the first epoch compiled the train and eval graphs, the second reused them
+    # (compile_time_s of epoch 2 is 0 by construction, whatever happens, so it proves nothing)
+    assert rows[0]["graphs_compiled"] >= 1
+    assert summary["recompiles"] == 0, (summary["recompiles"], [r["graphs_compiled"] for r in rows])
+    assert rows[1]["images_per_sec"] > 0
 
 
 @needs_cuda

@@ -494,3 +494,101 @@ def test_the_index_cache_rereads_only_changed_files(tmp_path):
     assert (third.images[changed].width, third.images[changed].height) == (96, 72)
     assert {p: v for p, v in third.images.items() if p != changed} == \
         {p: v for p, v in first.images.items() if p != changed}
+
+
+# ---- found by trying it as a new user ------------------------------------------------------------
+
+
+def test_a_zip_wrapper_folder_is_read_through_not_trained_as_one_class(tmp_path):
+    data = tmp_path / "unzipped"
+    classes(data / "dataset" / "Train", per_class=3)
+    classes(data / "dataset" / "VALID", per_class=2, start=10)
+    classes(data / "dataset" / "test", per_class=2, start=20)
+    apple_double(data / "__MACOSX" / "dataset" / "._Train")
+    (data / "README.txt").write_text("unzip me")
+    opened = open_dataset("resnet", data)
+    assert opened.classes == ["a", "b"] and opened.layout == "Train/VALID"
+    assert len(opened.train) == 6 and len(opened.val) == 4
+    assert any("reading" in n and "the only folder in" in n for n in opened.notes)
+    counts = opened.file_counts()
+    assert counts["found"] == files_on_disk(data) == 14 + 2  # images, the AppleDouble file and README.txt
+    assert counts["left_out"] == {"held-out test split": 4, "not an image": 1}
+
+
+def test_a_class_written_in_another_unicode_form_is_the_same_class(tmp_path):
+    import unicodedata
+
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    classes(tmp_path / "train", names=(nfc, "b"), per_class=3)
+    classes(tmp_path / "val", names=(nfd, "b"), per_class=2, start=10)  # as a Mac-made zip writes it
+    opened = open_dataset("resnet", tmp_path)
+    assert opened.classes == ["b", nfc] and sorted(opened.val.labels.tolist()) == [0, 0, 1, 1]
+
+
+def test_tabs_and_line_breaks_in_names_keep_skipped_txt_one_line_per_file(tmp_path, capsys):
+    data = classes(tmp_path / "data", per_class=3)
+    (data / "a" / "bad\tname.txt").write_text("x")
+    (data / "a" / "bad\nname.txt").write_text("x")
+    out = tmp_path / "run"
+    code, printed, _ = train(capsys, "--data", data, "--out", out)
+    assert code == 0
+    rows = (out / "skipped.txt").read_text().splitlines()
+    assert len(rows) == 2 and all(len(row.split("\t")) == 3 for row in rows)
+    assert "bad\\tname.txt" in printed and "bad\\nname.txt" in printed
+
+
+def test_class_names_that_are_not_utf8_are_drawn(checkpoint, tmp_path, capsys):
+    root = tmp_path / "data"
+    for split, n in (("train", 3), ("val", 2)):
+        for label, name in enumerate((os.fsdecode(b"caf\xe9"), "b")):
+            for i in range(n):
+                image(root / split / name / f"{i}.jpg", label, i)
+    out = tmp_path / "grid.png"
+    assert main(["preview", "resnet", "--data", str(root), "--loader", "torch", "--split", "val", "--out", str(out),
+                 "--device", "cpu", "--batch-size", "4"]) == 0 and out.is_file()
+    run = tmp_path / "run"
+    code, _, _ = train(capsys, "--data", root, "--out", run)
+    assert code == 0
+    assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--data", str(root), "--out",
+                 str(tmp_path / "eval"), "--device", "cpu"]) == 0
+    assert (tmp_path / "eval" / "confusion.png").is_file()
+    assert b"caf\xe9" in (tmp_path / "eval" / "per_class.csv").read_bytes()
+
+
+def test_predict_one_image_file(checkpoint, tmp_path, capsys):
+    photo = image(tmp_path / "photo.jpg")
+    out = tmp_path / "one.csv"
+    assert main(["predict", "--checkpoint", str(checkpoint), "--data", str(photo), "--out", str(out),
+                 "--device", "cpu"]) == 0
+    rows = list(csv.reader(out.open()))
+    assert rows[0] == ["id", "label"] and len(rows) == 2 and rows[1][0] == "photo.jpg"
+    (tmp_path / "notes.txt").write_text("hello")
+    line = one_line_error(capsys, ["predict", "--checkpoint", checkpoint, "--data", tmp_path / "notes.txt",
+                                   "--out", tmp_path / "x.csv", "--device", "cpu"])
+    assert "neither an image nor a CIFAR python pickle" in line
+
+
+def test_evaluate_scores_the_split_asked_for(checkpoint, tmp_path, capsys):
+    root = tmp_path / "data"
+    classes(root / "train", per_class=3)
+    classes(root / "valid", per_class=1, start=10)
+    classes(root / "test", per_class=4, start=20)
+    scored = {}
+    for split in ("val", "test"):
+        out = tmp_path / split
+        assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(root), "--split", split,
+                     "--out", str(out), "--device", "cpu"]) == 0
+        scored[split] = json.loads((out / "metrics.json").read_text())["images"]
+    assert scored == {"val": 2, "test": 8}
+    # a labelled folder of class folders alone: the held-out share by default, every image with --split all
+    for split, expected in (("val", 2), ("all", 8)):
+        out = tmp_path / f"alone-{split}"
+        assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(root / "test"), "--split", split,
+                     "--out", str(out), "--device", "cpu"]) == 0
+        assert json.loads((out / "metrics.json").read_text())["images"] == expected
+    only_test = tmp_path / "only"
+    classes(only_test / "test", per_class=2)
+    out = tmp_path / "only-eval"
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(only_test), "--out", str(out),
+                 "--device", "cpu"]) == 0  # no train/: the test split is what there is to score
+    assert json.loads((out / "metrics.json").read_text())["images"] == 4

@@ -13,7 +13,7 @@ import torch
 
 from fasttrain.cli import main
 from fasttrain.outputs import load_checkpoint
-from fasttrain.train import NonFiniteLoss, train_one_epoch
+from fasttrain.train import ForwardLoss, NonFiniteLoss, TrainStep, train_one_epoch
 from fasttrain.device import Precision
 
 from conftest import class_image
@@ -86,19 +86,121 @@ def test_a_signal_finishes_the_step_saves_and_resumes(signum, code, tmp_path):
     assert rows[0]["train_images"] == (30 - ck["step"]) * 4  # only the steps the interrupted run had not done
 
 
+# Runs fasttrain with torch.save slowed for the second write of last.pt: half of the file goes to
+# disk, a line says so, then it waits 10 minutes before writing the rest. The test sends its second
+# Ctrl-C inside that wait, so it always lands in the middle of a checkpoint write.
+_HALF_WRITE = r"""
+import io, os, sys, time
+import torch
+
+real_save, writes = torch.save, []
+
+def _target(f):
+    if isinstance(f, (str, os.PathLike)):
+        return os.fspath(f)
+    try:
+        return os.readlink(f"/proc/self/fd/{f.fileno()}")
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return ""
+
+def save(obj, f, *args, **kwargs):
+    target = _target(f)
+    if "last.pt" not in os.path.basename(target):
+        return real_save(obj, f, *args, **kwargs)
+    writes.append(target)
+    if len(writes) != 2:
+        return real_save(obj, f, *args, **kwargs)
+    buffer = io.BytesIO()
+    real_save(obj, buffer, *args, **kwargs)
+    data = buffer.getvalue()
+    with contextlib.nullcontext(f) if not isinstance(f, (str, os.PathLike)) else open(f, "wb") as out:
+        out.write(data[:len(data) // 2])
+        out.flush()
+        os.fsync(out.fileno())
+        print(f"TEST: half of {len(data)} bytes written to {target}", flush=True)
+        time.sleep(600)
+        out.write(data[len(data) // 2:])
+
+import contextlib
+torch.save = save
+from fasttrain.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _lines(proc):
+    """proc's stdout lines, read on a thread: waits for a line can time out."""
+    import queue
+    import threading
+
+    lines = queue.Queue()
+
+    def read():
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    return lines
+
+
+def _digest(path):
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _wait_for_line(lines, start, seconds, proc):
+    """The first stdout line that starts with `start`; fails if the process ends or time runs out first."""
+    import queue
+
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            line = lines.get(timeout=left)
+        except queue.Empty:
+            break
+        if line is None:
+            raise AssertionError(f"the run ended before printing {start!r}: " + proc.stderr.read()[-3000:])
+        if line.startswith(start):
+            return line
+    raise AssertionError(f"no line {start!r} within {seconds}s")
+
+
 def test_a_second_ctrl_c_stops_at_once_without_a_half_written_checkpoint(tmp_path):
+    """Epoch 1 saves last.pt; a Ctrl-C in epoch 2 starts saving again; a second one, sent while that
+    save is half on disk (and would take 10 more minutes), stops the run at once: exit 130 within
+    seconds, no temporary file left, last.pt still epoch 1's whole checkpoint."""
     out = tmp_path / "run"
-    proc = _start(out)
-    _wait_for_training(proc)
-    proc.send_signal(signal.SIGINT)
-    time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "Traceback" not in stderr
-    leftovers = [p for p in out.iterdir() if p.name.endswith(".tmp")] if out.exists() else []  # an empty run folder is removed
-    assert not leftovers
-    if (out / "last.pt").exists():
-        assert load_checkpoint(out / "last.pt")["epoch"] == 0
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HALF_WRITE, "cnn", "--synthetic", "--device", "cpu", "--train-limit", "120",
+         "--val-limit", "8", "--batch-size", "4", "--epochs", "2", "--recipe", "seed", "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        lines = _lines(proc)
+        _wait_for_line(lines, "epoch 2/2 step", 240, proc)  # epoch 1's last.pt is saved: the first write
+        proc.send_signal(signal.SIGINT)
+        half = _wait_for_line(lines, "TEST: half of", 120, proc)  # the second write is half on disk now
+        partial = [p for p in out.iterdir() if p.name.endswith(".tmp")]
+        assert len(partial) == 1 and 0 < partial[0].stat().st_size < int(half.split()[3]), (partial, half)
+        before = _digest(out / "last.pt")  # epoch 1's checkpoint (checked whole below)
+
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)  # not the 10 minutes the write would take
+        stopped_after = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, stderr
+    assert stopped_after < 60 and "stopped at once" in stderr and "Traceback" not in stderr, stderr
+    assert "Resume with" not in stderr  # the interrupted save did not happen: nothing claims it did
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]  # the half-written file is gone
+    assert _digest(out / "last.pt") == before  # the previous checkpoint, unchanged
+    ck = load_checkpoint(out / "last.pt")
+    assert (ck["epoch"], ck["step"]) == (1, 0)  # and whole: the end of epoch 1
 
 
 def test_a_full_disk_keeps_the_previous_checkpoint(cifar_root, tmp_path, monkeypatch, capsys):
@@ -177,8 +279,10 @@ def _epoch(losses, patience):
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    return train_one_epoch(model, _loader(losses), opt, sched, scaler, lambda logits, y: logits[:, 0].mean(),
-                           Precision("cpu", None), torch.device("cpu"), epoch=3, nonfinite_patience=patience)
+    step_fn = TrainStep(ForwardLoss(model, lambda logits, y: logits[:, 0].mean()), opt, sched, scaler,
+                        Precision("cpu", None))
+    return train_one_epoch(step_fn, _loader(losses), model, torch.device("cpu"), epoch=3,
+                           nonfinite_patience=patience)
 
 
 def test_nonfinite_guard_names_the_first_bad_step_and_tolerates_skipped_steps():

@@ -7,6 +7,7 @@ or builds batches. Loaders (torch baseline, DALI, synthetic) consume these split
 from __future__ import annotations
 
 import os
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,7 @@ def _split_of(index: Index, parts: tuple, classes: list[str] | None) -> tuple[Fi
     when not given. Images directly in root/parts are left out, named."""
     if classes is None:
         classes = _subfolders(index, parts)
-    label_of = {name: i for i, name in enumerate(classes)}
+    label_of = {same_name(name): i for i, name in enumerate(classes)}
     depth = len(parts)
     files, labels, host = [], [], []
     for path, probe in list(index.images.items()):
@@ -59,11 +60,27 @@ def _split_of(index: Index, parts: tuple, classes: list[str] | None) -> tuple[Fi
                                    f"an image directly in {shown(index.root.joinpath(*parts))}/, outside every class folder"))
             del index.images[path]
             continue
-        if rel[depth] in label_of:
+        if same_name(rel[depth]) in label_of:
             files.append(path)
-            labels.append(label_of[rel[depth]])
+            labels.append(label_of[same_name(rel[depth])])
             host.append(not probe.dali)
     return FileSplit(files, np.asarray(labels, dtype=np.int64), np.asarray(host, dtype=bool)), classes
+
+
+def _wrapper(index: Index, top: list[str]) -> str | None:
+    """The one folder that holds the whole data set, when the root holds that folder alone (besides
+    ignored litter such as __MACOSX/) and it holds folders itself: as zip archives unpack."""
+    if len(top) != 1 or top[0].lower() in TRAIN_NAMES + VAL_NAMES + TEST_NAMES:
+        return None
+    if any(len(p.relative_to(index.root).parts) == 1 for p in index.images):
+        return None
+    return top[0] if _subfolders(index, (top[0],)) else None
+
+
+def same_name(name: str) -> str:
+    """A folder name as compared across splits: Unicode NFC, so a class written by macOS (NFD) in
+    val/ matches the same class written elsewhere (NFC) in train/."""
+    return unicodedata.normalize("NFC", name)
 
 
 def _leave_out_folder(index: Index, parts: tuple, category: str, detail: str) -> None:
@@ -172,6 +189,17 @@ def load_image_folder(path: Path, val_fraction: float, max_pixels: int | None = 
     index = build_index(path, max_pixels)
     notes = [index.describe()] if index.probed > 1000 or index.seconds > 2 else []
     top = _subfolders(index, ())
+    wrapper = _wrapper(index, top)
+    if wrapper is not None:  # DIR/dataset/{train,valid,...} as a zip unpacks: the data set is inside
+        data = load_image_folder(path / wrapper, val_fraction, max_pixels)
+        data.notes.insert(0, f"reading {shown(path / wrapper)}/, the only folder in {shown(path)}/")
+        inside = lambda p: (path / wrapper) in p.parents  # noqa: E731
+        ignored = [(p, rule) for p, rule in index.ignored if not inside(p)]
+        left_out = [entry for entry in index.left_out if not inside(entry[0])]  # a README.txt beside it
+        data.ignored += ignored
+        data.left_out += left_out
+        data.found = (data.found or 0) + len(ignored) + len(left_out)
+        return data
     splits = {name.lower(): name for name in top if name.lower() in TRAIN_NAMES + VAL_NAMES + TEST_NAMES}
     train_name = next((splits[n] for n in TRAIN_NAMES if n in splits), None)
     val_name = next((splits[n] for n in VAL_NAMES + TEST_NAMES if n in splits), None)
@@ -197,7 +225,8 @@ def load_image_folder(path: Path, val_fraction: float, max_pixels: int | None = 
             train, val = _split_fraction(train, len(classes), val_fraction)
             layout = f"{train_name}/ alone, {val_fraction:g} held out"
         else:
-            extra = [c for c in _subfolders(index, (val_name,)) if c not in classes]
+            known = {same_name(c) for c in classes}
+            extra = [c for c in _subfolders(index, (val_name,)) if same_name(c) not in known]
             if extra:
                 raise UserError(f"{shown(path / val_name)}: classes not in {shown(path / train_name)}: "
                                 f"{', '.join(extra[:5])}")
@@ -217,6 +246,65 @@ def load_image_folder(path: Path, val_fraction: float, max_pixels: int | None = 
     data.split_dirs = split_dirs
     _check_classes(data, where)
     return data
+
+
+def open_for_evaluation(model: str, path: Path | None, split: str, classes: list[str],
+                        max_pixels: int | None = DEFAULT_MAX_PIXELS, val_fraction: float = 0.1) -> DataSet:
+    """The images to score against a checkpoint's `classes`, as DataSet.val.
+
+    split "val": the validation split training used (val/, valid/, validation/, else test/; the
+    held-out share of class folders alone; CIFAR's test pickle; CUB's test split); a folder that
+    holds only val/ or test/ is scored whole. "test": the test/ (or testing/) folder. "all": every
+    image under `path`, read as class folders (point --data at a labelled test folder). Class
+    folders are matched to the checkpoint's classes by name (Unicode NFC); a folder that is no
+    class of the checkpoint is refused in one line, as is a split that is not there.
+    """
+    simple = path is None or find_cifar_dir(path) is not None or _find_cub_dir(path) is not None
+    if split == "val" and (simple or _has_train(path)):
+        return open_dataset(model, path, val_fraction, max_pixels)
+    if path is None or not path.is_dir() or simple:
+        raise UserError(f"--split {split}: --data must be an image folder" if path is not None and path.is_dir()
+                        else f"--data {shown(path or default_root())}: no such folder")
+    index = build_index(path, max_pixels)
+    top = _subfolders(index, ())
+    wrapper = _wrapper(index, top)
+    if wrapper is not None:
+        return open_for_evaluation(model, path / wrapper, split, classes, max_pixels, val_fraction)
+    lower = {name.lower(): name for name in top}
+    names = {"val": VAL_NAMES + TEST_NAMES, "test": TEST_NAMES, "all": ()}[split]
+    chosen = next((lower[n] for n in names if n in lower), None)
+    notes = []
+    if chosen is None and split == "val":  # class folders alone: the share training held out
+        data = open_dataset(model, path, val_fraction, max_pixels)
+        data.notes.append(f"scoring the {val_fraction:g} of each class held out for validation, as training "
+                          f"did; --split all scores every image")
+        return data
+    if chosen is None and split == "test":
+        raise UserError(f"--split test: {shown(path)} has no test/ folder")
+    if chosen is None:
+        parts = ()
+        notes.append(f"scoring every image under {shown(path)}/ as class folders")
+    else:
+        parts = (chosen,)
+        for name in top:
+            if name != chosen:
+                _leave_out_folder(index, (name,), OUTSIDE, f"{name}/ is not the split scored ({chosen}/)")
+    known = {same_name(c) for c in classes}
+    extra = [c for c in _subfolders(index, parts) if same_name(c) not in known]
+    if extra:
+        raise UserError(f"{shown(path.joinpath(*parts))}: folders that are no class of the checkpoint: "
+                        f"{', '.join(shown(c) for c in extra[:5])}")
+    val, _ = _split_of(index, parts, classes)
+    data = _from_index(f"{chosen + '/' if chosen else 'class folders'}, scored whole", list(classes),
+                       FileSplit([], np.zeros(0, np.int64)), val, path, index, notes)
+    data.split_dirs = {"val": path.joinpath(*parts)} if parts else {}
+    if not len(val):
+        raise UserError(f"--data {shown(path.joinpath(*parts))}: no images to score")
+    return data
+
+
+def _has_train(path: Path) -> bool:
+    return path.is_dir() and any(p.is_dir() and p.name.lower() in TRAIN_NAMES for p in path.iterdir())
 
 
 def _check_classes(data: DataSet, where: Path) -> None:

@@ -46,8 +46,10 @@ def cache_dir() -> Path:
 
 
 def shown(path: Path | str) -> str:
-    """A path as text that any terminal or UTF-8 file can take: undecodable name bytes as \\xNN."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+    """A path as one line of text that any terminal or UTF-8 file can take: undecodable name bytes
+    as \\xNN, tabs and line breaks in names as \\t, \\n, \\r (skipped.txt is tab-separated)."""
+    text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    return text.replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ Nothing here reads or decodes files; datasets.py and cifar.py fill these in, loa
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,6 +117,6 @@ class DataSet:
         return counts
 
     def describe(self) -> str:
-        where = f" at {self.root}" if self.root else ""
+        where = f" at {os.fsencode(self.root).decode('utf-8', 'backslashreplace')}" if self.root else ""
         return (f"{self.kind} ({self.layout}){where}: {len(self.train)} train / {len(self.val)} val images, "
                 f"{self.num_classes} classes")
