@@ -24,6 +24,7 @@ mkdir -p "$out"
   "$py" -c 'import torch, torchvision, sys; print("python", sys.version.split()[0], "torch", torch.__version__, "torchvision", torchvision.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")'
   "$py" -c 'import nvidia.dali as d; print("DALI", d.__version__)' 2>&1 | tail -1
   echo "cpu cores: $(nproc)"
+  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown: no .git in this copy, name it when committing the results)"
 } > "$out/env.txt" 2>&1
 cat "$out/env.txt"
 # the loader contract on the GPU (cheap); CUDA_TESTS=1 adds the compiled training tests

@@ -278,6 +278,10 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
     session = TrainingSession(args, recipe, recipe_overrides(args), argv)
     try:
         return session.run()
+    except KeyboardInterrupt:  # a second Ctrl-C: a write in flight on the writer thread is abandoned
+        if session.dist.is_main:
+            session.run_dir.remove_temporary()
+        raise
     finally:
         session.close()
         if session.dist.is_main:

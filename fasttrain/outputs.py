@@ -104,12 +104,16 @@ class RunDir:
             raise UserError(f"--out {self.path}: cannot write there ({exc.strerror})") from None
         if resume and not self.last.is_file():
             raise UserError(f"--resume: no checkpoint {self.last}; start a new run without --resume")
-        if resume:  # temporary files of a process that was killed while writing: never a valid file
-            for orphan in self.path.glob(".*.tmp"):
-                orphan.unlink(missing_ok=True)
         if not resume and any((self.path / name).exists() for name in RUN_FILES):
             raise UserError(f"--out {self.path} holds a run already; pass --resume to continue it, "
                             f"or choose another --out")
+        if resume:  # temporary files of a process that was killed while writing: never a valid file
+            self.remove_temporary()
+
+    def remove_temporary(self) -> None:
+        """Delete temporary files of writes that will never finish (a killed process, a second Ctrl-C)."""
+        for orphan in self.path.glob(".*.tmp"):
+            orphan.unlink(missing_ok=True)
 
     def remove_if_unused(self) -> None:
         """A run that stopped before writing anything leaves no empty folder it created behind."""

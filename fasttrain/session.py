@@ -166,9 +166,9 @@ class TrainingSession:
                    if category in DAMAGE or (category == "not an image" and p.suffix.lower() in IMAGE_SUFFIXES)]
         damaged += verify(list(data.train.files) + list(data.val.files), data.root, self.recipe.workers or None)
         if damaged:
-            more = f" and {len(damaged) - 1} more" if len(damaged) > 1 else ""
-            raise UserError(f"--strict: {shown(damaged[0][0])}: {damaged[0][1]}{more}; fix or remove the damaged "
-                            f"files, or drop --strict to leave them out")
+            count = f"{len(damaged)} files cannot be used" if len(damaged) > 1 else "1 file cannot be used"
+            raise UserError(f"--strict: {count}; first {shown(damaged[0][0])}: {damaged[0][1]} "
+                            f"(fix or remove them, or drop --strict to leave them out)")
 
     def _record_left_out(self) -> None:
         """skipped.txt lists every file of the data folder that is not used, and why; the screen shows

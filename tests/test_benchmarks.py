@@ -6,9 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
 from PIL import Image
 
-from benchmarks import report
+from benchmarks import common, report
 
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = {"pipeline", "variant", "device", "batch_size", "images_per_sec"}
@@ -31,7 +33,15 @@ def test_benchmark_json_fields_and_report(tmp_path):
         <= rows.keys()
     for info in rows.values():
         assert FIELDS <= info.keys() and info["images_per_sec"] > 0 and info["timed"]
-    assert rows[("train-cnn", "seed")]["batch_size"] == 32 and rows[("train-cnn", "seed")]["tflops"] > 0
+        assert info["cudnn_benchmark"] is torch.cuda.is_available()  # the trainer's backend settings
+    for variant in ("torch", "dali-cpu"):  # what arrived: 2048 CIFAR-shaped arrays, 8 whole batches of 256
+        assert rows[("cifar", variant)]["images_per_call"] == 2048
+    seed = rows[("train-cnn", "seed")]
+    assert seed["batch_size"] == 32 and seed["tflops"] > 0
+    # the peak it is read against, said in words, and the datasheet's beside it (none for a CPU)
+    assert seed["precision"] == "fp32" and seed["fraction_of_peak"] == pytest.approx(seed["tflops"] / seed["peak_tflops"])
+    assert seed["peak"].startswith("measured on this machine: the faster of a 2048x2048 matmul and a 3x3 convolution")
+    assert "float32" in seed["peak"] and seed["datasheet_peak_tflops"] is None
     assert record["machine_info"]["fasttrain"]["torch"]
 
     readme = tmp_path / "README.md"
@@ -51,3 +61,30 @@ def test_plain_pytest_runs_benchmarks_once_untimed():
         cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "1 passed" in proc.stdout and "Name (time in" not in proc.stdout  # ran, but no timing table
+
+
+def test_precision_labels_say_what_runs_and_peaks_match_them(monkeypatch):
+    """fp32 on CUDA under PyTorch's defaults (TF32 matmuls off, cuDNN TF32 on) is not `tf32`."""
+    monkeypatch.setattr(common, "CUDA", True)
+    for matmul, conv, label in ((False, True, "fp32 (convs may use TF32)"), (True, True, "tf32"),
+                                (False, False, "fp32"), (True, False, "fp32 (matmuls may use TF32)")):
+        with common.tf32(matmul, conv=conv):
+            assert common.precision_label("fp32") == label
+            assert common.precision_label("bf16") == "bf16"
+    monkeypatch.setattr(common, "CUDA", False)
+    with common.tf32(True):
+        assert common.precision_label("fp32") == "fp32"  # a CPU has no TF32
+
+    assert common.datasheet_tflops("NVIDIA H200", "bf16") == 989.5
+    assert common.datasheet_tflops("NVIDIA H100 80GB HBM3", "tf32") == 494.7
+    assert common.datasheet_tflops("NVIDIA H200", "fp32") == 67.0
+    assert common.datasheet_tflops("NVIDIA H200", "fp32 (convs may use TF32)") == 494.7  # bounded by TF32
+    assert common.datasheet_tflops("NVIDIA A100-SXM4-80GB", "fp32") == 19.5
+    assert common.datasheet_tflops("NVIDIA A100-SXM4-40GB", "bf16") == 312.0
+    for device in ("cpu", "NVIDIA H100 PCIe", "NVIDIA H200 NVL", "NVIDIA L4"):  # not in the table: unknown
+        assert common.datasheet_tflops(device, "bf16") is None
+
+    peaks = common.Peaks({"fp32": 1.0, "tf32": 8.0}, {"fp32": "a", "tf32": "b"}, 10.0)
+    assert peaks.tflops("tf32") == 8.0 and peaks.describe("tf32") == "b"
+    with pytest.raises(KeyError, match="fp32 \\(convs may use TF32\\)"):  # no silent fall back to fp32's peak
+        peaks.tflops("fp32 (convs may use TF32)")

@@ -472,7 +472,7 @@ def choose_cache(mode: str, data, recipe: Recipe, device: torch.device) -> tuple
     size = cache_bytes(data, recipe)
     gb = f"{size / 2**30:.2f} GiB"
     if mode == "none":
-        return False, "cache off (--cache none)"
+        return False, "cache off (cache none: --cache gpu keeps the decoded data set on the device)"
     if mode == "gpu":
         where = "GPU memory" if device.type == "cuda" else "host memory (no GPU)"
         return True, f"cache on: {gb} decoded once into {where}"
