@@ -30,7 +30,8 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 
 @pytest.fixture(scope="session")
 def peaks():
-    """The machine's measured matmul TFLOP/s per precision and copy GB/s (benchmarks.common)."""
+    """The machine's measured peak TFLOP/s per precision label (the faster of a large matmul and a large
+    convolution) and copy GB/s (benchmarks.common.measure_peaks)."""
     from benchmarks.common import measure_peaks
 
     return measure_peaks()
