@@ -94,3 +94,25 @@ def test_compiled_training_recompiles_nothing_after_the_first_epoch(cifar_root, 
     assert rows[1]["graphs_compiled"] == 0
     summary = _summary(out)
     assert summary["recompiles"] == 0 and summary["compiled"]
+
+
+def test_the_first_epoch_leaves_out_what_the_loader_prefetched_while_compiling(cifar_root, monkeypatch):
+    from fasttrain.data import build_loaders, open_dataset
+    from fasttrain.recipes import CNN_SEED
+    from fasttrain.train import ForwardLoss, TrainStep, make_optimizer, make_scheduler, train_one_epoch
+    from fasttrain.device import choose_precision
+    from fasttrain.models import build_model
+    import torch
+
+    cpu = torch.device("cpu")
+    recipe = CNN_SEED.replace(batch_size=4, loader="torch")
+    loaders = build_loaders(open_dataset("cnn", cifar_root), recipe, cpu, 1, 0)
+    assert loaders.train.prefetch_batches == 4  # one worker, prefetch_factor 4
+    model = build_model("cnn", 3, recipe, weights="none")
+    optimizer = make_optimizer(model.parameters(), recipe)
+    precision = choose_precision(cpu, False)
+    step = TrainStep(ForwardLoss(model, torch.nn.CrossEntropyLoss()), optimizer,
+                     make_scheduler(optimizer, recipe, len(loaders.train)), precision.grad_scaler(), precision)
+    stats = train_one_epoch(step, loaders.train, model, cpu, first_step_compiles=True)
+    # 48 images in 12 steps: 1 compiling step and 4 prefetched ones untimed, 7 timed
+    assert stats.images == 7 * 4 and stats.compile_s > 0 and stats.warmup_s > 0

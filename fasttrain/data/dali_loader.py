@@ -41,6 +41,7 @@ from fasttrain.errors import UserError
 from fasttrain.recipes import Recipe
 
 DALI_PACKAGE = "nvidia-dali-cuda130"
+PREFETCH = 2  # DALI's prefetch_queue_depth for the training and evaluation pipelines
 CACHE_SHARE = 0.25  # --cache auto keeps a data set on the GPU when it takes at most this share of free memory
 
 
@@ -306,6 +307,7 @@ class DaliLoader:
         self.files, self.raw = files, raw
         self.names = names if names is not None else files  # the user's file behind each file DALI reads
         self.batch_size = source.order.batch_size
+        self.prefetch_batches = PREFETCH  # batches DALI prepares ahead: ready at once after a compile
         self.on_skip: list[Callable[[Path, str], None]] = []
         self.iterator = self._iterator()
 
@@ -399,7 +401,7 @@ def pipeline_builder(kind: str, recipe: Recipe, mean, std, train: bool, device: 
 
         pipe = pipeline(batch_size=source.order.batch_size, num_threads=max(1, threads),
                         device_id=placement.device_id, seed=seed + 7919 * source.order.shard_id + (0 if train else 1),
-                        prefetch_queue_depth=2)
+                        prefetch_queue_depth=PREFETCH)
         try:
             pipe.build()
         except RuntimeError as exc:

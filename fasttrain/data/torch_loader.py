@@ -91,6 +91,8 @@ class DeviceLoader:
         self.loader, self.order, self.files, self.device = loader, order, files, device
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.batch_size = order.batch_size
+        # batches the workers prepare ahead: ready at once after a slow first step (a compile)
+        self.prefetch_batches = loader.num_workers * (loader.prefetch_factor or 0)
         self.on_skip: list[Callable[[Path, str], None]] = []
 
     def __len__(self) -> int:
