@@ -216,7 +216,9 @@ def test_a_second_ctrl_c_stops_at_once_without_a_half_written_checkpoint(tmp_pat
     assert (ck["epoch"], ck["step"]) == (1, 0)  # epoch 1's checkpoint, not the interrupted one of epoch 2
 
 
-def test_a_full_disk_keeps_the_previous_checkpoint(cifar_root, tmp_path, monkeypatch, capsys):
+def test_a_full_disk_when_resuming_keeps_the_previous_files(cifar_root, tmp_path, monkeypatch, capsys):
+    """Every fsync fails: the first write of a resumed run, the metrics rewrite, stops it in one line.
+    (tests/test_run_time.py fails the background checkpoint write itself.)"""
     out = tmp_path / "run"
     assert main(["cnn", "--data", str(cifar_root), "--out", str(out), "--epochs", "1", *SEED_CNN]) == 0
     before = (out / "last.pt").read_bytes()
@@ -229,6 +231,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint(cifar_root, tmp_path, monkeyp
     assert main(["cnn", "--data", str(cifar_root), "--out", str(out), "--epochs", "2", "--resume", *SEED_CNN]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "No space left on device" in err[0] and "is intact" in err[0]
+    assert err[0].startswith("error: cannot write metrics.jsonl")
     assert (out / "last.pt").read_bytes() == before
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
