@@ -106,8 +106,16 @@ def _add_train_flags(p: argparse.ArgumentParser, model: str) -> None:
         p.add_argument("--weights", help="imagenet (default; torchvision's cache), none, or PATH to a state dict")
 
 
+def _max_pixels(text: str) -> int | None:
+    """--max-image-pixels: a pixel count, or 0 for no limit (None, as the data index takes it)."""
+    return _non_negative_int(text) or None
+
+
+_max_pixels.__name__ = "integer"
+
+
 def _add_max_pixels(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-image-pixels", type=_non_negative_int, metavar="N", default=DEFAULT_MAX_PIXELS,
+    p.add_argument("--max-image-pixels", type=_max_pixels, metavar="N", default=DEFAULT_MAX_PIXELS,
                    help=f"leave out images of more pixels, a guard against decompression bombs "
                         f"(default {DEFAULT_MAX_PIXELS:,}, where Pillow refuses; 0 allows any size)")
 
@@ -207,7 +215,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from fasttrain.data.index import shown
 
     result = predict(args.checkpoint, args.data, args.out, args.top_k, args.device, args.batch_size, args.workers,
-                     args.loader, args.max_image_pixels or None)
+                     args.loader, args.max_image_pixels)
     for path, why in result["skipped"]:
         print(f"no row for {shown(path)}: {why}")
     ignored = f", {len(result['ignored'])} ignored ({_rules(result['ignored'])})" if result["ignored"] else ""
@@ -217,10 +225,9 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def _rules(ignored: list) -> str:
-    counts = {}
-    for _, rule in ignored:
-        counts[rule] = counts.get(rule, 0) + 1
-    return ", ".join(f"{n} {rule}" for rule, n in counts.items())
+    from fasttrain.data.splits import ignored_by_rule
+
+    return ", ".join(f"{n} {rule}" for rule, n in ignored_by_rule(ignored).items())
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -232,7 +239,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from fasttrain.data.index import shown
 
     result = evaluate_checkpoint(args.checkpoint, args.data, args.out, args.device, args.batch_size, args.workers,
-                                 args.loader, args.max_image_pixels or None, args.split)
+                                 args.loader, args.max_image_pixels, args.split)
     for note in result["notes"]:
         print(f"note: {note}")
     for item in result["skipped"][:5]:
@@ -261,7 +268,7 @@ def run_preview(args: argparse.Namespace) -> int:
 
     out = preview(args.model, args.data, args.loader, args.split, args.out, args.recipe, args.batch_size,
                   args.device, workers=args.workers, val_fraction=args.val_fraction, cache=args.cache,
-                  max_pixels=args.max_image_pixels or None)
+                  max_pixels=args.max_image_pixels)
     print(f"wrote {out}")
     return 0
 

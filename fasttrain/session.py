@@ -142,7 +142,7 @@ class TrainingSession:
         else:
             # rank 0 first: a download happens once, then every other process reads the same files
             open_ = lambda: open_dataset(args.command, args.data, args.val_fraction,  # noqa: E731
-                                         max_pixels=args.max_image_pixels or None)
+                                         max_pixels=args.max_image_pixels)
             opened = distributed.on_main(self.dist, open_, self.device)
             data = opened if self.dist.is_main else open_()
             if args.num_classes is not None and args.num_classes != data.num_classes:

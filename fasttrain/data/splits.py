@@ -6,10 +6,16 @@ Nothing here reads or decodes files; datasets.py and cifar.py fill these in, loa
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+
+def ignored_by_rule(ignored: list[tuple[Path, str]]) -> dict[str, int]:
+    """How many ignored files each rule accounts for, in the order the rules were first met."""
+    return dict(Counter(rule for _, rule in ignored))
 
 
 @dataclass
@@ -104,11 +110,8 @@ class DataSet:
 
         For image folders these add up to `found`, every file under the data folder.
         """
-        left, ignored = {}, {}
-        for _, category, _ in self.left_out:
-            left[category] = left.get(category, 0) + 1
-        for _, rule in self.ignored:
-            ignored[rule] = ignored.get(rule, 0) + 1
+        left = dict(Counter(category for _, category, _ in self.left_out))
+        ignored = ignored_by_rule(self.ignored)
         counts = {"train": len(self.train) - self.failed["train"], "val": len(self.val) - self.failed["val"],
                   "left_out": left, "ignored": ignored,
                   "not_used": dict(self.not_used)}
