@@ -1,4 +1,12 @@
-"""One training run from start (or resume) to finish: wires data, model, loop and outputs together."""
+"""One training run from start (or resume) to finish: the run's identity, its clock, its signals.
+
+Where things happen: `fasttrain.setup.set_up` builds the data, loaders, model, optimizer and the
+compiled step; `fasttrain.train.fit` runs the epochs (a batch is made in the loaders, a step runs
+in `TrainStep`); the run folder's `RunWriter` (fasttrain/outputs.py) writes checkpoints, metrics,
+plots and summary.json on its own thread; `fasttrain.progress` prints. This module connects
+them: it decides the run folder and the checkpoint to resume from, keeps the time accounts,
+turns Ctrl-C/SIGTERM into a saved stop, and composes what each epoch's outputs say.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +16,6 @@ import dataclasses
 import importlib.metadata
 import os
 import platform
-import random
 import shlex
 import signal
 import sys
@@ -17,44 +24,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from fasttrain import device as dev
 from fasttrain import distributed
-from fasttrain.data import build_loaders, cap, open_dataset, synthetic_dataset
-from fasttrain.data.synthetic import SYNTHETIC_SIZES
-from fasttrain.data.index import shown, verify
+from fasttrain.data.index import shown
 from fasttrain.errors import RunError, UserError
-from fasttrain.models import DEFAULT_CLASSES, build_model, trainable_parameters
 from fasttrain.outputs import RunDir, RunWriter, load_checkpoint
 from fasttrain.progress import SilentReporter, make_reporter
 from fasttrain.recipes import Recipe, override, recipe_from_dict
-from fasttrain.train import (EpochRecord, ForwardLoss, Interrupted, NonFiniteLoss, TrainStep, fit, make_optimizer,
-                             make_scheduler)
+from fasttrain.setup import RunSetup, rng_state, set_up
+from fasttrain.train import EpochRecord, Interrupted, NonFiniteLoss, fit
 
 
 SHOW_SKIPPED = 5  # damaged files named on screen; all of them go to skipped.txt
 TIME_PARTS = ("startup_s", "compile_s", "train_s", "eval_s", "outputs_s", "other_s")
-# categories of left-out files that --strict refuses (fasttrain/data/index.py names them)
-DAMAGE = ("damaged", "empty", "unreadable", "too large")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".png", ".webp", ".gif", ".tif", ".tiff", ".bmp", ".ppm", ".pgm")
 STOP_CHECK = 20   # under torchrun, ranks agree on a requested stop every this many steps
-
-
-def _rng_state() -> dict:
-    kind, key, pos, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": (kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss)}
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    kind, key, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
 
 
 def process_start_time() -> float:
@@ -74,12 +58,6 @@ def process_start_time() -> float:
 _IMPORTED = time.time()
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def versions() -> dict:
     def version(dist: str) -> str | None:
         try:
@@ -92,11 +70,6 @@ def versions() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
             "numpy": np.__version__, "dali": version("nvidia-dali-cuda130") or version("nvidia-dali-cuda120"),
             "cuda": torch.version.cuda}
-
-
-def _tuple_state(obj):
-    """Python's random state as nested tuples, which torch.load(weights_only=True) accepts."""
-    return tuple(_tuple_state(x) for x in obj) if isinstance(obj, (list, tuple)) else obj
 
 
 class TrainingSession:
@@ -126,66 +99,21 @@ class TrainingSession:
             # the checkpoint's recipe, with the flags given on this command line on top
             recipe = override(recipe_from_dict(self.checkpoint["recipe"]), overrides)
         self.recipe = recipe
-        self.amp = recipe.amp if recipe.amp is not None else self.device.type == "cuda"
-        self.compile = recipe.compile if recipe.compile is not None else self.device.type == "cuda"
-        self.precision = dev.choose_precision(self.device, self.amp)
-        seed_everything(args.seed)
+        self.setup: RunSetup | None = None
 
-    # ---- setup ---------------------------------------------------------------------------
+    # ---- what setting up tells the user and the run folder -------------------------------------
 
-    def _dataset(self):
-        args, recipe = self.args, self.recipe
-        if args.synthetic:
-            n_train, n_val = SYNTHETIC_SIZES[args.command]
-            classes = args.num_classes or DEFAULT_CLASSES[args.command]
-            data = synthetic_dataset(classes, recipe.image_size, n_train, n_val)
-        else:
-            # rank 0 first: a download happens once, then every other process reads the same files
-            open_ = lambda: open_dataset(args.command, args.data, args.val_fraction,  # noqa: E731
-                                         max_pixels=args.max_image_pixels)
-            opened = distributed.on_main(self.dist, open_, self.device)
-            data = opened if self.dist.is_main else open_()
-            if args.num_classes is not None and args.num_classes != data.num_classes:
-                raise UserError(f"--num-classes {args.num_classes}: the data set has {data.num_classes} classes")
-        data = cap(data, args.train_limit, args.val_limit)
-        self.notes += data.notes  # what opening the data decided: class folders with no val image, rescaled pixels
-        if args.strict and data.kind == "folder":
-            # rank 0 decodes first and remembers the verdicts; the other ranks then find them cached
-            distributed.on_main(self.dist, lambda: self._strict(data), self.device)
-            if not self.dist.is_main:
-                self._strict(data)
-        if self.checkpoint is not None and list(self.checkpoint["classes"]) != list(data.classes):
-            raise UserError(f"{self.run_dir.last}: trained on {len(self.checkpoint['classes'])} classes that differ "
-                            f"from the data's {data.num_classes}; resume with the same data set")
-        return data
-
-    def _strict(self, data) -> None:
-        """--strict: any damaged file that would have been data, and any used file that does not decode
-        fully, ends the run with exit 2. A README.txt beside the classes is not damage; a notes.jpg is."""
-        damaged = [(p, detail) for p, category, detail in data.left_out
-                   if category in DAMAGE or (category == "not an image" and p.suffix.lower() in IMAGE_SUFFIXES)]
-        damaged += verify(list(data.train.files) + list(data.val.files), data.root, self.recipe.workers or None)
-        if damaged:
-            count = f"{len(damaged)} files cannot be used" if len(damaged) > 1 else "1 file cannot be used"
-            raise UserError(f"--strict: {count}; first {shown(damaged[0][0])}: {damaged[0][1]} "
-                            f"(fix or remove them, or drop --strict to leave them out)")
-
-    def _record_left_out(self) -> None:
+    def _record_left_out(self, data) -> None:
         """skipped.txt lists every file of the data folder that is not used, and why; the screen shows
         counts by reason and the first few names."""
-        data = self.data
         if not self.dist.is_main or not (data.left_out or data.ignored):
             return
-        with open(self.run_dir.path / "skipped.txt", "w", encoding="utf-8", errors="backslashreplace") as f:
-            for path, category, detail in data.left_out:
-                f.write(f"{shown(path)}\t{category}\t{detail}\n")
-            for path, rule in data.ignored:
-                f.write(f"{shown(path)}\tignored\t{rule}\n")
+        self.run_dir.write_skipped(data.left_out, data.ignored)
         counts = data.file_counts()
         parts = [f"{n} {why}" for why, n in counts["left_out"].items()]
         parts += [f"{n} ignored ({why})" for why, n in counts["ignored"].items()]
         self.notes.append(f"files not used: {', '.join(parts)}; every one listed in "
-                          f"{shown(self.run_dir.path / 'skipped.txt')}")
+                          f"{shown(self.run_dir.skipped)}")
         for path, _, detail in data.left_out[:SHOW_SKIPPED]:
             self.notes.append(f"left out {shown(path)}: {detail}")
 
@@ -197,12 +125,11 @@ class TrainingSession:
         self.skipped.append(path)
         if not self.dist.is_main:
             return
-        with open(self.run_dir.path / "skipped.txt", "a", encoding="utf-8", errors="backslashreplace") as f:
-            f.write(f"{shown(path)}\tdamaged\t{reason}\n")
+        self.run_dir.append_skipped(path, reason)
         if len(self.skipped) <= SHOW_SKIPPED:
             self._say(f"skipped {shown(path)}: {reason}")
         elif len(self.skipped) == SHOW_SKIPPED + 1:
-            self._say(f"skipping more damaged files: all in {shown(self.run_dir.path / 'skipped.txt')}")
+            self._say(f"skipping more damaged files: all in {shown(self.run_dir.skipped)}")
 
     def _say(self, text: str) -> None:
         if not self.dist.is_main:
@@ -212,72 +139,28 @@ class TrainingSession:
         else:
             print(f"note: {text}", flush=True)
 
-    def _fit_batch_to_data(self) -> None:
-        """A recipe's default batch larger than a small (capped) data set shrinks to fit, lr scaled alike.
-
-        A batch size given on the command line is never changed: build_loaders refuses it instead.
-        """
-        n, batch = len(self.data.train), self.recipe.batch_size
-        if self.overrides.get("batch_size") is not None or self.checkpoint is not None or n >= batch:
-            return
-        fitted = 1 << (n.bit_length() - 1)  # largest power of two that fits
-        lr = self.recipe.lr * fitted / batch if self.overrides.get("lr") is None else self.recipe.lr
-        self.recipe = dataclasses.replace(self.recipe, batch_size=fitted, lr=lr)
-        self.notes.append(f"{n} training images: batch {batch} -> {fitted}, lr scaled to {lr:g}")
-
-    def _model(self, num_classes: int) -> nn.Module:
-        # a resumed run takes every weight from its checkpoint: nothing to download
-        weights = "none" if self.checkpoint is not None else None
-        model = build_model(self.args.command, num_classes, self.recipe, weights=weights)
-        return dev.prepare_model(model, self.device, self.recipe.channels_last)
+    def _data_known(self, data) -> None:
+        self.data = data
+        self._record_left_out(data)
 
     # ---- the run ----------------------------------------------------------------------------
 
     def run(self) -> int:
         """Train to the end (0), or until a signal (130/143); raises UserError or RunError."""
-        recipe, device = self.recipe, self.device
-        dev.configure_backends(device)
-        self.data = self._dataset()
-        self._fit_batch_to_data()
-        recipe = self.recipe
-        from fasttrain.data.torch_loader import default_workers
-
-        self.workers = recipe.workers if recipe.workers is not None else default_workers()
         ck = self.checkpoint
-        start_epoch = ck["epoch"] + 1 if ck else 1
-        start_step = ck.get("step", 0) if ck else 0
-        self._record_left_out()
-        self.loaders = build_loaders(self.data, recipe, device, self.workers, self.args.seed, start_epoch, start_step,
-                                     shard_id=self.dist.rank, num_shards=self.dist.world_size, on_skip=self._skip)
-        self.model = self._model(self.data.num_classes)
-        # the recipe's lr is for its batch on one GPU; the global batch is world_size times that
-        optimizer = make_optimizer(trainable_parameters(self.model),
-                                   dataclasses.replace(recipe, lr=recipe.lr * self.dist.world_size),
-                                   fused=device.type == "cuda")
-        steps = len(self.loaders.train)
-        scheduler = make_scheduler(optimizer, recipe, steps)
-        scaler = self.precision.grad_scaler()
+        self.setup = setup = set_up(self.args, self.recipe, self.overrides, ck, self.dist, self.device,
+                                    on_skip=self._skip, on_data=self._data_known)
+        # the names the rest of this class (and its outputs) use
+        self.recipe, self.data, self.loaders, self.model = setup.recipe, setup.data, setup.loaders, setup.model
+        self.precision, self.compile, self.workers = setup.precision, setup.compiled, setup.workers
+        self.notes = setup.notes + self.notes
+        recipe, start_epoch, start_step = setup.recipe, setup.start_epoch, setup.start_step
         self.rows, self.best_acc, self.compile_s = [], -1.0, 0.0
         if ck is not None:
-            self.model.load_state_dict(ck["model"])
-            optimizer.load_state_dict(ck["optimizer"])
-            scheduler.load_state_dict(ck["scheduler"])
-            scaler.load_state_dict(ck["scaler"])
-            _set_rng_state(ck["rng"])
             self.best_acc = ck["best_val_acc"]
             self.compile_s = ck.get("compile_time_s", 0.0)
             self.rows = self.run_dir.keep_metrics_through(ck["epoch"])
-        self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
-        loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
-        parallel = self._parallel(self.model)
-        compile_ = dev.compiler(self.compile, recipe.compile_mode)
-        # the model and its loss are compiled as one graph for training; the model alone for evaluation
-        forward_loss = ForwardLoss(parallel, loss_fn)
-        step_fn = TrainStep(compile_(forward_loss) if compile_ else forward_loss, optimizer, scheduler, scaler,
-                            self.precision)
-        eval_model = compile_(parallel) if compile_ else parallel
         self.writer = RunWriter(self.run_dir) if self.dist.is_main else None
-
         self.reporter = make_reporter() if self.dist.is_main else SilentReporter()
         self._announce(start_epoch, start_step)
         self.started = time.perf_counter()
@@ -286,13 +169,14 @@ class TrainingSession:
         self.status = "running"
         # fp16's GradScaler skips overflowing steps itself: only a long streak means divergence
         patience = 25 if self.precision.name == "fp16" else 1
+        steps = setup.steps_per_epoch
         with self._signals():
             try:
-                fit(step_fn, parallel, eval_model, self.loaders.train, self.loaders.val, self.precision, device,
-                    recipe.epochs, start_epoch, start_step, compiled=self.compile,
+                fit(setup.step, setup.parallel, setup.eval_model, setup.loaders.train, setup.loaders.val,
+                    setup.precision, setup.device, recipe.epochs, start_epoch, start_step, compiled=setup.compiled,
                     observer_for=lambda epoch: self.reporter.start_epoch(epoch, recipe.epochs, steps),
                     on_epoch_end=self._epoch_end, should_stop=self._should_stop, nonfinite_patience=patience,
-                    tally_compiler=compile_)
+                    tally_compiler=setup.compiler)
             except Interrupted as stop:
                 return self._stopped(stop.epoch, stop.steps)
             except NonFiniteLoss as bad:
@@ -321,17 +205,6 @@ class TrainingSession:
         if self.dist.is_main:
             self._farewell()
         return 0
-
-    def _parallel(self, model: nn.Module) -> nn.Module:
-        """DistributedDataParallel under torchrun (SyncBatchNorm first, with --sync-bn); the model itself otherwise."""
-        if not self.dist.enabled:
-            return model
-        if self.args.sync_bn:
-            if self.device.type != "cuda":
-                raise UserError("--sync-bn needs CUDA: SyncBatchNorm has no CPU implementation")
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
     def _should_stop(self, step: int) -> bool:
         """A signal stops the run after the current step; under torchrun every rank agrees at the
@@ -419,25 +292,21 @@ class TrainingSession:
             return
         started = time.perf_counter()
         self.reporter.end_epoch(row)
-        # the writer thread does the writing; this thread only snapshots the checkpoint's tensors
-        self.writer.submit(lambda: self.run_dir.append_metrics(row))
         every = self.args.save_every
-        if (every and record.epoch % every == 0) or record.epoch == self.recipe.epochs:
-            self.writer.checkpoint(self._checkpoint_state(record.epoch, 0), best=best)
-        rows, title = list(self.rows), (f"{self.args.command}, recipe {self.recipe.name}, "
-                                        f"{dev.device_name(self.device)}" +
-                                        (f" x {self.dist.world_size}" if self.dist.enabled else ""))
-        self.writer.submit(lambda: self.run_dir.plot_curves(rows, title, self.recipe.label_smoothing))
+        save = bool(every and record.epoch % every == 0) or record.epoch == self.recipe.epochs
+        title = (f"{self.args.command}, recipe {self.recipe.name}, {dev.device_name(self.device)}" +
+                 (f" x {self.dist.world_size}" if self.dist.enabled else ""))
+        self.writer.end_epoch(row, list(self.rows), title, self.recipe.label_smoothing,
+                              self._checkpoint_state(record.epoch, 0) if save else None, best=best)
         self._write_summary()
         clock["outputs_s"] += time.perf_counter() - started
 
     def _checkpoint_state(self, epoch: int, step: int) -> dict:
         """Everything to continue exactly: `epoch` epochs finished, then `step` steps of the next."""
-        rng = _rng_state()
-        rng["python"] = _tuple_state(rng["python"])
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": epoch, "step": step,
-                "rng": rng, "recipe": dataclasses.asdict(self.recipe), "model_name": self.args.command,
+        setup = self.setup
+        return {"model": setup.model.state_dict(), "optimizer": setup.optimizer.state_dict(),
+                "scheduler": setup.scheduler.state_dict(), "scaler": setup.scaler.state_dict(), "epoch": epoch,
+                "step": step, "rng": rng_state(), "recipe": dataclasses.asdict(self.recipe), "model_name": self.args.command,
                 "classes": list(self.data.classes), "mean": list(self.loaders.mean), "std": list(self.loaders.std),
                 "best_val_acc": self.best_acc, "compile_time_s": self.compile_s,
                 "total_time_s": self.prior_time_s + time.perf_counter() - self.started}

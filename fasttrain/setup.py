@@ -1,0 +1,228 @@
+"""Setting up a run: the data, loaders, model, optimizer and compiled step it trains with, built once.
+
+`set_up` turns the command line, the recipe and (when resuming) the checkpoint into a `RunSetup`,
+a plain object the loop (fasttrain/train.py) trains with and the run folder's writer
+(fasttrain/outputs.py) describes. It decides nothing about time, signals or files of the run
+folder; those belong to fasttrain/session.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from fasttrain import device as dev
+from fasttrain import distributed
+from fasttrain.data import build_loaders, cap, open_dataset, synthetic_dataset
+from fasttrain.data.index import shown, verify
+from fasttrain.data.loaders import Loaders
+from fasttrain.data.splits import DataSet
+from fasttrain.data.synthetic import SYNTHETIC_SIZES
+from fasttrain.device import Precision
+from fasttrain.errors import UserError
+from fasttrain.models import DEFAULT_CLASSES, build_model, trainable_parameters
+from fasttrain.recipes import Recipe
+from fasttrain.train import ForwardLoss, TrainStep, make_optimizer, make_scheduler
+
+# categories of left-out files that --strict refuses (fasttrain/data/index.py names them)
+DAMAGE = ("damaged", "empty", "unreadable", "too large")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".png", ".webp", ".gif", ".tif", ".tiff", ".bmp", ".ppm", ".pgm")
+
+
+@dataclass
+class RunSetup:
+    """What one process trains with. `model` is the network itself (its state_dict goes into
+    checkpoints); `parallel` is what runs it (DistributedDataParallel under torchrun, else the
+    same module); `step` and `eval_model` are the compiled (or eager) training step and
+    evaluation forward. Training starts after `start_epoch - 1` whole epochs and `start_step`
+    steps of the next one."""
+
+    recipe: Recipe
+    device: torch.device
+    precision: Precision
+    compiled: bool
+    data: DataSet
+    loaders: Loaders
+    workers: int                 # DataLoader processes / DALI threads
+    model: nn.Module
+    parallel: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    step: TrainStep
+    eval_model: nn.Module
+    compiler: Callable | None    # what compiled `step` and `eval_model`; None when eager
+    start_epoch: int
+    start_step: int
+    notes: list[str]             # what setting up decided, for the user (batch fitted, class folders...)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.loaders.train)
+
+
+# ---- random state: saved in every checkpoint, restored on resume -------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Python's, NumPy's, torch's and every CUDA device's generator state, in types that
+    torch.load(weights_only=True) accepts (Python's state as nested tuples, NumPy's key as int64)."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": _tuple_state(random.getstate()), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": (kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss)}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
+
+
+def _tuple_state(obj):
+    return tuple(_tuple_state(x) for x in obj) if isinstance(obj, (list, tuple)) else obj
+
+
+# ---- the pieces ------------------------------------------------------------------------------
+
+
+def open_data(args: argparse.Namespace, recipe: Recipe, dist: distributed.Dist, device: torch.device,
+              checkpoint: dict | None) -> DataSet:
+    """The data set of this run, capped by --train-limit/--val-limit; --strict checked.
+
+    Raises UserError for data that cannot be trained on: a class count other than --num-classes,
+    damaged files under --strict, classes other than the resumed checkpoint's.
+    """
+    if args.synthetic:
+        n_train, n_val = SYNTHETIC_SIZES[args.command]
+        classes = args.num_classes or DEFAULT_CLASSES[args.command]
+        data = synthetic_dataset(classes, recipe.image_size, n_train, n_val)
+    else:
+        # rank 0 first: a download happens once, then every other process reads the same files
+        open_ = lambda: open_dataset(args.command, args.data, args.val_fraction,  # noqa: E731
+                                     max_pixels=args.max_image_pixels)
+        opened = distributed.on_main(dist, open_, device)
+        data = opened if dist.is_main else open_()
+        if args.num_classes is not None and args.num_classes != data.num_classes:
+            raise UserError(f"--num-classes {args.num_classes}: the data set has {data.num_classes} classes")
+    data = cap(data, args.train_limit, args.val_limit)
+    if args.strict and data.kind == "folder":
+        # rank 0 decodes first and remembers the verdicts; the other ranks then find them cached
+        distributed.on_main(dist, lambda: check_strict(data, recipe), device)
+        if not dist.is_main:
+            check_strict(data, recipe)
+    if checkpoint is not None and list(checkpoint["classes"]) != list(data.classes):
+        raise UserError(f"the checkpoint was trained on {len(checkpoint['classes'])} classes that differ "
+                        f"from the data's {data.num_classes}; resume with the same data set")
+    return data
+
+
+def check_strict(data: DataSet, recipe: Recipe) -> None:
+    """--strict: any damaged file that would have been data, and any used file that does not decode
+    fully, ends the run with exit 2 (UserError). A README.txt beside the classes is not damage; a
+    notes.jpg is."""
+    damaged = [(p, detail) for p, category, detail in data.left_out
+               if category in DAMAGE or (category == "not an image" and p.suffix.lower() in IMAGE_SUFFIXES)]
+    damaged += verify(list(data.train.files) + list(data.val.files), data.root, recipe.workers or None)
+    if damaged:
+        count = f"{len(damaged)} files cannot be used" if len(damaged) > 1 else "1 file cannot be used"
+        raise UserError(f"--strict: {count}; first {shown(damaged[0][0])}: {damaged[0][1]} "
+                        f"(fix or remove them, or drop --strict to leave them out)")
+
+
+def fit_batch_to_data(recipe: Recipe, n_train: int, overrides: dict, resuming: bool) -> tuple[Recipe, str | None]:
+    """A recipe's default batch larger than a small (capped) data set shrinks to the largest power
+    of two that fits, lr scaled linearly with it (unless --lr was given); returns the recipe and a
+    note. A batch size given on the command line is never changed: build_loaders refuses it instead."""
+    batch = recipe.batch_size
+    if overrides.get("batch_size") is not None or resuming or n_train >= batch:
+        return recipe, None
+    fitted = 1 << (n_train.bit_length() - 1)
+    lr = recipe.lr * fitted / batch if overrides.get("lr") is None else recipe.lr
+    return (dataclasses.replace(recipe, batch_size=fitted, lr=lr),
+            f"{n_train} training images: batch {batch} -> {fitted}, lr scaled to {lr:g}")
+
+
+def _parallel(model: nn.Module, dist: distributed.Dist, device: torch.device, sync_bn: bool) -> nn.Module:
+    """DistributedDataParallel under torchrun (SyncBatchNorm first, with --sync-bn); the model itself otherwise."""
+    if not dist.enabled:
+        return model
+    if sync_bn:
+        if device.type != "cuda":
+            raise UserError("--sync-bn needs CUDA: SyncBatchNorm has no CPU implementation")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def set_up(args: argparse.Namespace, recipe: Recipe, overrides: dict, checkpoint: dict | None,
+           dist: distributed.Dist, device: torch.device,
+           on_skip: Callable[[str, Path, str], None] | None = None,
+           on_data: Callable[[DataSet], None] | None = None) -> RunSetup:
+    """Build everything a run trains with, in order: data, batch fitted to it, loaders (with the
+    mean/std pass), model, optimizer, schedule, scaler, then the compiled step; a checkpoint's
+    states are loaded into them (its random state too, last, so a resumed run draws the same numbers).
+
+    on_data(data) is called once the data set is known, before the loaders read any image;
+    on_skip(split, path, reason) hears of every file found undecodable from then on.
+    Raises UserError for input that cannot be trained on.
+    """
+    amp = recipe.amp if recipe.amp is not None else device.type == "cuda"
+    compiled = recipe.compile if recipe.compile is not None else device.type == "cuda"
+    precision = dev.choose_precision(device, amp)
+    seed_everything(args.seed)
+    dev.configure_backends(device)
+    data = open_data(args, recipe, dist, device, checkpoint)
+    notes = list(data.notes)  # what opening the data decided: class folders with no val image, rescaled pixels
+    recipe, fitted = fit_batch_to_data(recipe, len(data.train), overrides, checkpoint is not None)
+    notes += [fitted] if fitted else []
+    if on_data is not None:
+        on_data(data)
+    from fasttrain.data.torch_loader import default_workers
+
+    workers = recipe.workers if recipe.workers is not None else default_workers()
+    start_epoch = checkpoint["epoch"] + 1 if checkpoint else 1
+    start_step = checkpoint.get("step", 0) if checkpoint else 0
+    loaders = build_loaders(data, recipe, device, workers, args.seed, start_epoch, start_step,
+                            shard_id=dist.rank, num_shards=dist.world_size, on_skip=on_skip)
+    # a resumed run takes every weight from its checkpoint: nothing to download
+    model = build_model(args.command, data.num_classes, recipe, weights="none" if checkpoint else None)
+    model = dev.prepare_model(model, device, recipe.channels_last)
+    # the recipe's lr is for its batch on one GPU; the global batch is world_size times that
+    optimizer = make_optimizer(trainable_parameters(model), dataclasses.replace(recipe, lr=recipe.lr * dist.world_size),
+                               fused=device.type == "cuda")
+    scheduler = make_scheduler(optimizer, recipe, len(loaders.train))
+    scaler = precision.grad_scaler()
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        set_rng_state(checkpoint["rng"])
+    parallel = _parallel(model, dist, device, args.sync_bn)
+    compile_ = dev.compiler(compiled, recipe.compile_mode)
+    # the model and its loss are compiled as one graph for training; the model alone for evaluation
+    forward_loss = ForwardLoss(parallel, nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing))
+    step = TrainStep(compile_(forward_loss) if compile_ else forward_loss, optimizer, scheduler, scaler, precision)
+    eval_model = compile_(parallel) if compile_ else parallel
+    return RunSetup(recipe=recipe, device=device, precision=precision, compiled=compiled, data=data, loaders=loaders,
+                    workers=workers, model=model, parallel=parallel, optimizer=optimizer, scheduler=scheduler,
+                    scaler=scaler, step=step, eval_model=eval_model, compiler=compile_, start_epoch=start_epoch,
+                    start_step=start_step, notes=notes)
