@@ -1,3 +1,3 @@
-from fasttrain.cli import main
+from fasttrain.program import run
 
-raise SystemExit(main())
+raise SystemExit(run())

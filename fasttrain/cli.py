@@ -67,6 +67,7 @@ def _add_train_flags(p: argparse.ArgumentParser, model: str) -> None:
     p.add_argument("--recipe", choices=["fast", "seed"], default="fast",
                    help="fast: tuned for throughput (default); seed: the report's setup exactly")
     p.add_argument("--data", type=Path, help="data folder (default: $FASTTRAIN_DATA, else ./data)")
+    _add_download(p, model)
     p.add_argument("--synthetic", action="store_true", help="random data of the recipe's shape; no files needed")
     p.add_argument("--num-classes", type=_positive_int, help="classes for --synthetic and --summary")
     p.add_argument("--train-limit", type=_positive_int, metavar="N", help="use at most N training images")
@@ -92,7 +93,12 @@ def _add_train_flags(p: argparse.ArgumentParser, model: str) -> None:
     p.add_argument("--channels-last", action=flag, help="NHWC memory format")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--out", type=Path, help="run folder (default runs/<model>-<timestamp>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint, on the data and with the flags it "
+                        "started with (--epochs may grow; other changes need --allow-changes)")
+    p.add_argument("--allow-changes", action="store_true",
+                   help="with --resume: accept flags that change the data, the batch or the optimisation "
+                        "(a new batch only at an epoch boundary)")
     p.add_argument("--summary", action="store_true", help="print the layers and parameter counts, then exit")
     p.add_argument("--strict", action="store_true",
                    help="decode every image file fully before training and refuse damaged ones (exit 2) "
@@ -104,6 +110,13 @@ def _add_train_flags(p: argparse.ArgumentParser, model: str) -> None:
         p.add_argument("--finetune", action=flag, default=False,
                        help="train every layer (default: only the new head, backbone frozen)")
         p.add_argument("--weights", help="imagenet (default; torchvision's cache), none, or PATH to a state dict")
+
+
+def _add_download(p: argparse.ArgumentParser, model: str | None) -> None:
+    own = {"cnn": "CIFAR-100", "resnet": "CUB-200-2011"}.get(model, "the model's data set")
+    p.add_argument("--download", action="store_true",
+                   help=f"download {own} into --data when that folder is missing or empty (without "
+                        f"--download that is an error; the default folder is downloaded into anyway)")
 
 
 def _max_pixels(text: str) -> int | None:
@@ -139,20 +152,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="predict classes for images: a CSV ready for a Kaggle upload")
     p.add_argument("--checkpoint", type=Path, required=True, help="a run's best.pt or last.pt")
     p.add_argument("--data", type=Path, required=True, help="a folder of images (searched recursively) or a CIFAR pickle")
-    p.add_argument("--out", type=Path, default=Path("predictions.csv"))
+    p.add_argument("--out", type=Path, default=Path("predictions.csv"), help="the CSV to write (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (default: refuse)")
     p.add_argument("--top-k", type=_positive_int, default=1, help="add the k best classes with probabilities")
     _add_inference_flags(p)
     p = sub.add_parser("evaluate", help="top-1/top-5 and per-class accuracy, confusion matrix")
     p.add_argument("--checkpoint", type=Path, required=True, help="a run's best.pt or last.pt")
     p.add_argument("--data", type=Path, help="data set folder, as for training; its val/test split is evaluated")
+    _add_download(p, None)
     p.add_argument("--split", choices=["val", "test", "all"], default="val",
                    help="val: the validation split training used (default); test: the test/ folder beside "
                         "train/ and valid/; all: every image under --data, as class folders")
-    p.add_argument("--out", type=Path, default=Path("evaluation"))
+    p.add_argument("--out", type=Path, default=Path("evaluation"),
+                   help="folder for metrics.json, per_class.csv, confusion.csv and confusion.png "
+                        "(default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier evaluation in --out (default: refuse)")
     _add_inference_flags(p)
     p = sub.add_parser("preview", help="draw one batch after augmentation, as the model sees it")
     p.add_argument("model", choices=["cnn", "resnet"])
     p.add_argument("--data", type=Path, help="data folder (default: $FASTTRAIN_DATA, else ./data)")
+    _add_download(p, None)
     p.add_argument("--loader", choices=["dali", "torch"], default="dali")
     p.add_argument("--cache", choices=["gpu", "none"], default="none",
                    help="DALI: serve the batch from the decoded cache, as training with --cache gpu does "
@@ -161,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_max_pixels(p)
     p.add_argument("--split", choices=["train", "val"], default="train",
                    help="val: the first batch in data-set order, to compare loaders picture to picture")
-    p.add_argument("--out", type=Path, default=Path("preview.png"))
+    p.add_argument("--out", type=Path, default=Path("preview.png"), help="the PNG to write (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (default: refuse)")
     p.add_argument("--recipe", choices=["fast", "seed"], default="fast")
     p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--device", default="auto")
@@ -204,8 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         from fasttrain.distributed import lost_rank_error
         print(f"error: {lost_rank_error(exc)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # a second Ctrl-C: checkpoints are written atomically, none is half-written
-        print("stopped at once; last.pt holds the last state that was saved", file=sys.stderr)
+    except KeyboardInterrupt:  # before a training run started, or in predict/evaluate/preview (they write last)
+        print("stopped (Ctrl-C) before anything was written", file=sys.stderr)
         return 130
 
 
@@ -215,7 +236,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from fasttrain.data.index import shown
 
     result = predict(args.checkpoint, args.data, args.out, args.top_k, args.device, args.batch_size, args.workers,
-                     args.loader, args.max_image_pixels)
+                     args.loader, args.max_image_pixels, overwrite=args.overwrite)
     for path, why in result["skipped"]:
         print(f"no row for {shown(path)}: {why}")
     ignored = f", {len(result['ignored'])} ignored ({_rules(result['ignored'])})" if result["ignored"] else ""
@@ -239,7 +260,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from fasttrain.data.index import shown
 
     result = evaluate_checkpoint(args.checkpoint, args.data, args.out, args.device, args.batch_size, args.workers,
-                                 args.loader, args.max_image_pixels, args.split)
+                                 args.loader, args.max_image_pixels, args.split, overwrite=args.overwrite,
+                                 download=args.download)
     for note in result["notes"]:
         print(f"note: {note}")
     for item in result["skipped"][:5]:
@@ -268,7 +290,7 @@ def run_preview(args: argparse.Namespace) -> int:
 
     out = preview(args.model, args.data, args.loader, args.split, args.out, args.recipe, args.batch_size,
                   args.device, workers=args.workers, val_fraction=args.val_fraction, cache=args.cache,
-                  max_pixels=args.max_image_pixels)
+                  max_pixels=args.max_image_pixels, overwrite=args.overwrite, download=args.download)
     print(f"wrote {out}")
     return 0
 
@@ -285,11 +307,13 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
     session = TrainingSession(args, recipe, recipe_overrides(args), argv)
     try:
         return session.run()
-    except KeyboardInterrupt:  # a second Ctrl-C: a write in flight on the writer thread is abandoned
+    except KeyboardInterrupt:  # a second Ctrl-C, or one while setting up: a write in flight is abandoned
         if session.dist.is_main:
             session.run_dir.remove_temporary()
-        raise
+            print(session.stopped_at_once(), file=sys.stderr)
+        return 130
     finally:
         session.close()
         if session.dist.is_main:
             session.run_dir.remove_if_unused()
+

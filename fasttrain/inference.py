@@ -7,10 +7,11 @@ and run in bf16 autocast on a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import itertools
 import json
-import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch
 
 from fasttrain.data import build_eval_loader
 from fasttrain.data.cifar import read_cifar_split
-from fasttrain.data.datasets import NOT_A_SPLIT, open_for_evaluation, same_name
+from fasttrain.data.datasets import NOT_A_SPLIT, no_data, open_for_evaluation, same_name
 from fasttrain.data.decode import DEFAULT_MAX_PIXELS
 from fasttrain.data.index import Index, build_index, probe, shown
 from fasttrain.data.splits import ArraySplit, FileSplit
@@ -27,10 +28,11 @@ from fasttrain.data.torch_loader import default_workers
 from fasttrain.device import choose_precision, device_name, prepare_model, resolve_device
 from fasttrain.errors import UserError
 from fasttrain.models import build_model
-from fasttrain.outputs import atomic_write, load_checkpoint
+from fasttrain.outputs import atomic_write, folders_to_make, load_checkpoint, remove_if_empty
 from fasttrain.recipes import recipe_from_dict
 
 CHECKPOINT_KEYS = {"model", "recipe", "classes", "model_name", "mean", "std"}
+EVALUATION_FILES = ("metrics.json", "per_class.csv", "confusion.csv", "confusion.png")
 
 
 @dataclass
@@ -102,11 +104,37 @@ def _inputs(path: Path, max_pixels: int | None) -> tuple[ArraySplit | FileSplit,
     return split, [f.relative_to(path).as_posix() for f in files], True, index
 
 
-def _writable(out: Path, what: str) -> None:
-    """Fail before the work, not after it: the folder that will hold `out` must be writable."""
-    folder = next((p for p in [out.parent, *out.parent.parents] if p.exists()), Path("."))
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(f"--out {shown(out)}: cannot write {what} there ({shown(folder)} is not a writable folder)")
+@contextlib.contextmanager
+def checked_out(out: Path, overwrite: bool, results: tuple[str, ...] | None = None):
+    """Fail before the work, not after it: `out` (the file a command writes, or with `results` the
+    folder that will hold those files) must be writable, and earlier results are kept unless
+    `overwrite`. The folder is made and a probe file written and removed in it (os.access says yes to
+    root and knows nothing of read-only mounts); folders made here are removed again if the body
+    fails before writing into them."""
+    folder = out if results is not None else out.parent
+    if results is None and out.is_dir():
+        raise UserError(f"--out {shown(out)}: a folder; name the file to write")
+    earlier = [out] if results is None else [out / name for name in results]
+    earlier = [p for p in earlier if p.exists()]
+    if earlier and not overwrite:
+        raise UserError(f"{shown(earlier[0])} exists; pass --overwrite to replace it" if results is None else
+                        f"--out {shown(out)} holds an earlier evaluation ({', '.join(p.name for p in earlier)}); "
+                        f"pass --overwrite to replace it")
+    blocker = next((p for p in [folder, *folder.parents] if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise UserError(f"--out {shown(out)}: cannot write there ({shown(blocker)} is a file, not a folder)")
+    made = folders_to_make(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-").close()
+    except OSError as exc:
+        remove_if_empty(made)
+        raise UserError(f"--out {shown(out)}: cannot write there ({exc.strerror or exc})") from None
+    try:
+        yield
+    except BaseException:
+        remove_if_empty(made)
+        raise
 
 
 def _write_csv(out: Path, rows: list[list]) -> None:
@@ -122,14 +150,22 @@ def _write_csv(out: Path, rows: list[list]) -> None:
 
 def predict(checkpoint: Path, data: Path, out: Path, top_k: int = 1, device_name_: str = "auto",
             batch_size: int = 256, workers: int | None = None, loader: str = "auto",
-            max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict:
+            max_pixels: int | None = DEFAULT_MAX_PIXELS, overwrite: bool = False) -> dict:
     """Predict every image under `data` (a folder, recursively, or one CIFAR pickle) into the CSV `out`.
 
     Returns {"images": rows written, "skipped": [(path, reason)] for image files with no row,
     "ignored": files ignored by rule, "backend", "device"}; every file found is in one of them.
-    Raises UserError for a bad checkpoint, data or output location (checked before any work).
+    Raises UserError for a bad checkpoint, data or output location (checked before any work), and
+    for an existing `out` unless `overwrite`.
     """
-    _writable(out, "the predictions")
+    with checked_out(out, overwrite):
+        if not data.exists():
+            raise UserError(f"--data {shown(data)}: no such file or folder")
+        return _predict(checkpoint, data, out, top_k, device_name_, batch_size, workers, loader, max_pixels)
+
+
+def _predict(checkpoint: Path, data: Path, out: Path, top_k: int, device_name_: str, batch_size: int,
+             workers: int | None, loader: str, max_pixels: int | None) -> dict:
     device = resolve_device(device_name_)
     trained = load_trained(checkpoint, device, batch_size)
     split, ids, from_files, index = _inputs(data, max_pixels)
@@ -157,17 +193,28 @@ def predict(checkpoint: Path, data: Path, out: Path, top_k: int = 1, device_name
 
 def evaluate_checkpoint(checkpoint: Path, data: Path | None, out: Path, device_name_: str = "auto",
                         batch_size: int = 256, workers: int | None = None, loader: str = "auto",
-                        max_pixels: int | None = DEFAULT_MAX_PIXELS, split: str = "val") -> dict:
+                        max_pixels: int | None = DEFAULT_MAX_PIXELS, split: str = "val", overwrite: bool = False,
+                        download: bool = False) -> dict:
     """Top-1/top-5, per-class accuracy and the confusion matrix of a checkpoint on a data set's val split.
 
     The data set is opened as training opens it (the data index); files of the val split that are
     left out, or fail to decode, are counted nowhere and listed in the result's "skipped" with why.
-    Raises UserError for a bad checkpoint, mismatched classes or an unwritable `out`.
+    Raises UserError for a bad checkpoint, mismatched classes, an unwritable `out` or one that holds
+    an earlier evaluation (unless `overwrite`), and a `data` folder that is not there (the model's own
+    data set is downloaded into it only with `download`, as open_dataset does).
     """
-    _writable(out / "metrics.json", "the evaluation")
+    with checked_out(out, overwrite, EVALUATION_FILES):
+        if data is not None and not data.exists() and not download:  # before the checkpoint is loaded
+            raise no_data(data) if split == "val" else UserError(f"--data {shown(data)}: no such folder")
+        return _evaluate(checkpoint, data, out, device_name_, batch_size, workers, loader, max_pixels, split,
+                         download)
+
+
+def _evaluate(checkpoint: Path, data: Path | None, out: Path, device_name_: str, batch_size: int,
+              workers: int | None, loader: str, max_pixels: int | None, split: str, download: bool) -> dict:
     device = resolve_device(device_name_)
     trained = load_trained(checkpoint, device, batch_size)
-    dataset = open_for_evaluation(trained.model_name, data, split, trained.classes, max_pixels)
+    dataset = open_for_evaluation(trained.model_name, data, split, trained.classes, max_pixels, download=download)
     if [same_name(c) for c in dataset.classes] != [same_name(c) for c in trained.classes]:
         first = next((a, b) for a, b in itertools.zip_longest(dataset.classes, trained.classes) if a != b)
         raise UserError(f"--data {data}: its {dataset.num_classes} classes differ from the checkpoint's "

@@ -96,6 +96,8 @@ class RunDir:
 
     def prepare(self, resume: bool) -> None:
         """Create the folder; refuse to overwrite a run unless it is being resumed."""
+        if resume and not self.last.is_file():  # checked first: a mistyped --out leaves no folder behind
+            raise UserError(f"--resume: no checkpoint {self.last}; start a new run without --resume")
         self.made = folders_to_make(self.path)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -103,8 +105,6 @@ class RunDir:
             probe.close()
         except OSError as exc:
             raise UserError(f"--out {self.path}: cannot write there ({exc.strerror})") from None
-        if resume and not self.last.is_file():
-            raise UserError(f"--resume: no checkpoint {self.last}; start a new run without --resume")
         if not resume and any((self.path / name).exists() for name in RUN_FILES):
             raise UserError(f"--out {self.path} holds a run already; pass --resume to continue it, "
                             f"or choose another --out")
@@ -230,6 +230,9 @@ class RunWriter:
         self._checkpoint_done = threading.Event()
         self._checkpoint_done.set()
         self._buffers: dict[str, torch.Tensor] = {}
+        self._abandoned = False
+        self._lock = threading.Lock()  # held while a job other than a checkpoint runs
+        self.written: tuple[int, int] | None = None  # (epoch, step) of the last checkpoint completely written
         self._thread = threading.Thread(target=self._work, name="fasttrain-writer", daemon=True)
         self._thread.start()
 
@@ -239,8 +242,12 @@ class RunWriter:
             if job is None:
                 return
             try:
-                if self._error is None:
-                    job()
+                if self._error is None and not self._abandoned:
+                    if done is None:
+                        with self._lock:
+                            job()
+                    else:
+                        job()
             except BaseException as exc:  # reported on the training thread
                 self._error = exc
             finally:
@@ -268,7 +275,11 @@ class RunWriter:
         snapshot = self._snapshot(state)
         self.blocked_s += time.perf_counter() - started
         self._checkpoint_done.clear()
-        self._jobs.put((lambda: self.run_dir.save_checkpoint(snapshot, best), self._checkpoint_done))
+        def write() -> None:
+            self.run_dir.save_checkpoint(snapshot, best)
+            self.written = (snapshot.get("epoch"), snapshot.get("step", 0))
+
+        self._jobs.put((write, self._checkpoint_done))
 
     def end_epoch(self, row: dict, rows: list[dict], title: str, label_smoothing: float, state: dict | None,
                   best: bool) -> None:
@@ -303,6 +314,14 @@ class RunWriter:
         if not prefix and torch.cuda.is_available() and any(b.is_pinned() for b in self._buffers.values()):
             torch.cuda.synchronize()  # the pinned copies are complete before the writer reads them
         return out
+
+    def abandon(self) -> None:
+        """Run no job not started yet (the process is stopping at once); wait for a small job in
+        progress (metrics, plot, summary: never a checkpoint) so a file written next is not
+        replaced by it. A checkpoint being written is left to its temporary file."""
+        self._abandoned = True
+        with self._lock:
+            pass
 
     def flush(self) -> None:
         """Wait for every job so far; raise the first failure."""

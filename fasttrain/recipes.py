@@ -42,6 +42,8 @@ class Recipe:
     workers: int | None            # DataLoader processes / DALI threads; None = one per core
     cache: Literal["auto", "gpu", "none"]  # DALI: keep the decoded data set on the GPU (auto: if it fits)
     warmup_start: float = 0.1      # warm-up starts at this fraction of lr
+    lr_scaling: Literal["linear", "none"] = "linear"  # lr for a --batch-size other than the recipe's:
+                                   # linear = lr * batch / batch_size (Goyal et al. 2017); none = lr as given
     compile_mode: str = "default"  # torch.compile mode: default, max-autotune, reduce-overhead (CUDA graphs);
                                    # default until a GPU measurement says another is faster for the recipe
 
@@ -66,6 +68,7 @@ CNN_SEED = Recipe(
     finetune=True, weights="none",  # trained from scratch
     amp=False, compile=False, channels_last=False,  # the report's plain fp32 eager NCHW run
     loader="torch", workers=None, cache="none",  # the report's plain DataLoader
+    lr_scaling="none",             # the report's lr whatever the batch: it is what the seed reproduces
 )
 
 CNN_FAST = CNN_SEED.replace(
@@ -83,6 +86,7 @@ CNN_FAST = CNN_SEED.replace(
     label_smoothing=0.1,           # regularises the 71M-parameter head, cheap
     amp=None, compile=None, channels_last=True,  # bf16 tensor cores, fused kernels, NHWC convs on CUDA
     loader="auto", cache="auto",  # DALI when it imports; CIFAR's 180 MB of uint8 lives on the GPU
+    lr_scaling="linear",           # as lr itself was derived from the seed's
 )
 
 RESNET_SEED = Recipe(
@@ -104,6 +108,7 @@ RESNET_SEED = Recipe(
     finetune=False, weights="imagenet",
     amp=False, compile=False, channels_last=False,
     loader="torch", workers=None, cache="none",
+    lr_scaling="none",
 )
 
 RESNET_SEED_FINETUNE = RESNET_SEED.replace(epochs=40, finetune=True)  # report, part 2
@@ -121,6 +126,7 @@ RESNET_FAST = RESNET_SEED.replace(
     label_smoothing=0.1,
     amp=None, compile=None, channels_last=True,
     loader="auto", cache="auto",  # decode once when the data set fits a quarter of free GPU memory
+    lr_scaling="linear",
 )
 
 RESNET_FAST_FINETUNE = RESNET_FAST.replace(

@@ -31,8 +31,8 @@ from fasttrain.data.index import shown
 from fasttrain.errors import RunError, UserError
 from fasttrain.outputs import RunDir, RunWriter, load_checkpoint
 from fasttrain.progress import SilentReporter, make_reporter
-from fasttrain.recipes import Recipe, override, recipe_from_dict
-from fasttrain.setup import RunSetup, rng_state, set_up
+from fasttrain.recipes import Recipe, get_recipe
+from fasttrain.setup import RunSetup, resume_settings, rng_state, run_record, scale_lr, set_up
 from fasttrain.train import EpochRecord, Interrupted, NonFiniteLoss, fit
 
 
@@ -72,6 +72,18 @@ def versions() -> dict:
             "cuda": torch.version.cuda}
 
 
+def flags_given(argv: list[str]) -> set[str]:
+    """The options present on a command line, as argparse dests (abbreviations and --flag=value
+    included): argv parsed again with every default suppressed, so only what was typed remains."""
+    from fasttrain.cli import build_parser
+
+    parser = build_parser()
+    for sub in parser._subparsers._group_actions[0].choices.values():  # noqa: SLF001 (argparse has no public walk)
+        for action in sub._actions:
+            action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) - {"command"}
+
+
 class TrainingSession:
     def __init__(self, args: argparse.Namespace, recipe: Recipe, overrides: dict, argv: list[str]):
         self.args, self.argv, self.versions = args, list(argv), versions()
@@ -90,16 +102,25 @@ class TrainingSession:
             box = [str(out)]
             torch.distributed.broadcast_object_list(box, src=0)
             out = Path(box[0])
+        if args.resume and args.out is None:
+            raise UserError("--resume: name the run folder to continue with --out RUN")
         self.run_dir = RunDir(out)
         if not args.resume and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and self.run_dir.last.exists():
             args.resume = True  # torchrun --max-restarts restarted the job: continue it rather than refuse
         distributed.on_main(self.dist, lambda: self.run_dir.prepare(resume=args.resume), self.device)
         self.checkpoint = load_checkpoint(self.run_dir.last) if args.resume else None
         if self.checkpoint is not None:
-            # the checkpoint's recipe, with the flags given on this command line on top
-            recipe = override(recipe_from_dict(self.checkpoint["recipe"]), overrides)
+            # the checkpoint's recipe and data; flags given again must agree (or --allow-changes)
+            recipe, notes = resume_settings(self.checkpoint, args, flags_given(argv), overrides, self.run_dir.path,
+                                            args.command)
+            self.notes += notes
+        elif overrides.get("batch_size") is not None and overrides.get("lr") is None:
+            base = get_recipe(args.command, recipe.name, recipe.finetune)
+            recipe, note = scale_lr(recipe, base.batch_size, base.lr)
+            self.notes += [note] if note else []
         self.recipe = recipe
         self.setup: RunSetup | None = None
+        self.status = "setting up"
 
     # ---- what setting up tells the user and the run folder -------------------------------------
 
@@ -146,7 +167,48 @@ class TrainingSession:
     # ---- the run ----------------------------------------------------------------------------
 
     def run(self) -> int:
-        """Train to the end (0), or until a signal (130/143); raises UserError or RunError."""
+        """Train to the end (0), or until a signal (130/143); raises UserError or RunError.
+
+        A run that ends any other way (an error, a second Ctrl-C) leaves summary.json saying so:
+        status "failed" or "stopped", never "running".
+        """
+        try:
+            return self._run()
+        except BaseException as exc:
+            if self.status in ("running", "interrupted", "finished"):  # not "diverged": it said so already
+                self._record_end("stopped" if isinstance(exc, KeyboardInterrupt) else "failed", exc)
+            raise
+
+    def _record_end(self, status: str, exc: BaseException) -> None:
+        """summary.json written now, on this thread, with the status the run ended with."""
+        self.status = status
+        if not self.dist.is_main or self.writer is None:
+            return
+        self.writer.abandon()
+        summary = self._summary()
+        if status == "failed":
+            summary["error"] = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        try:
+            self.run_dir.write_summary(summary)
+        except Exception:  # noqa: BLE001 - the error being reported matters more than the summary
+            pass
+
+    def stopped_at_once(self) -> str:
+        """The true one-line account of a KeyboardInterrupt: a second Ctrl-C, or one before training."""
+        last = self.run_dir.last
+        if self.status == "setting up":
+            kept = f"; {last} is unchanged" if self.checkpoint is not None else "; nothing was trained or saved"
+            return f"stopped while setting up{kept}"
+        written = self.writer.written if self.writer is not None else None
+        if written is not None:
+            epoch, step = written
+            at = f"epoch {epoch + 1}, step {step}" if step else f"the end of epoch {epoch}"
+            return f"stopped at once; {last} holds the state at {at} (a write in progress was abandoned)"
+        if self.checkpoint is not None:
+            return f"stopped at once; {last} still holds the state this run resumed from"
+        return "stopped at once, before any checkpoint was written: nothing was saved"
+
+    def _run(self) -> int:
         ck = self.checkpoint
         self.setup = setup = set_up(self.args, self.recipe, self.overrides, ck, self.dist, self.device,
                                     on_skip=self._skip, on_data=self._data_known)
@@ -307,6 +369,7 @@ class TrainingSession:
         return {"model": setup.model.state_dict(), "optimizer": setup.optimizer.state_dict(),
                 "scheduler": setup.scheduler.state_dict(), "scaler": setup.scaler.state_dict(), "epoch": epoch,
                 "step": step, "rng": rng_state(), "recipe": dataclasses.asdict(self.recipe), "model_name": self.args.command,
+                "run": run_record(self.args),
                 "classes": list(self.data.classes), "mean": list(self.loaders.mean), "std": list(self.loaders.std),
                 "best_val_acc": self.best_acc, "compile_time_s": self.compile_s,
                 "total_time_s": self.prior_time_s + time.perf_counter() - self.started}
@@ -327,6 +390,10 @@ class TrainingSession:
         return {k: round(clock[k], 3) for k in ("wall_s", *TIME_PARTS)}
 
     def _write_summary(self) -> None:
+        summary = self._summary()
+        self.writer.submit(lambda: self.run_dir.write_summary(summary))
+
+    def _summary(self) -> dict:
         rows = self.rows
         images = sum(r["train_images"] for r in rows)
         seconds = sum(r["epoch_time_s"] for r in rows)
@@ -355,7 +422,7 @@ class TrainingSession:
             "graphs_compiled": sum(self.graphs), "recompiles": sum(self.graphs[1:]) if self.compile else None,
             "determinism": self._determinism(),
         })
-        self.writer.submit(lambda: self.run_dir.write_summary(summary))
+        return summary
 
     def _determinism(self) -> dict:
         """What a rerun with the same --seed reproduces, and what it does not."""

@@ -29,8 +29,8 @@ from fasttrain.data.synthetic import SYNTHETIC_SIZES
 from fasttrain.device import Precision
 from fasttrain.errors import UserError
 from fasttrain.models import DEFAULT_CLASSES, build_model, trainable_parameters
-from fasttrain.recipes import Recipe
-from fasttrain.train import ForwardLoss, TrainStep, make_optimizer, make_scheduler
+from fasttrain.recipes import Recipe, recipe_from_dict
+from fasttrain.train import ForwardLoss, TrainStep, lr_factor, make_optimizer, make_scheduler
 
 # categories of left-out files that --strict refuses (fasttrain/data/index.py names them)
 DAMAGE = ("damaged", "empty", "unreadable", "too large")
@@ -100,6 +100,119 @@ def _tuple_state(obj):
     return tuple(_tuple_state(x) for x in obj) if isinstance(obj, (list, tuple)) else obj
 
 
+# ---- resuming: the same data, the same batch, unless the user says otherwise ------------------
+
+# what a run was started on besides its recipe: saved in every checkpoint, restored on --resume
+RUN_FIELDS = ("data", "synthetic", "num_classes", "train_limit", "val_limit", "val_fraction", "seed",
+              "max_image_pixels", "strict", "sync_bn")
+# recipe fields a resumed run may change freely: they change how fast it trains, not what
+FREE_ON_RESUME = ("epochs", "workers", "compile", "compile_mode")
+FLAG = {"data": "--data", "synthetic": "--synthetic", "num_classes": "--num-classes", "train_limit": "--train-limit",
+        "val_limit": "--val-limit", "val_fraction": "--val-fraction", "seed": "--seed",
+        "max_image_pixels": "--max-image-pixels", "strict": "--strict", "sync_bn": "--sync-bn"}
+
+
+def run_record(args: argparse.Namespace) -> dict:
+    """The run fields of RUN_FIELDS as saved in a checkpoint; the data folder as an absolute path
+    (the default root resolved), so a resume from another working directory reads the same files."""
+    from fasttrain.data.datasets import default_root
+
+    record = {k: getattr(args, k, None) for k in RUN_FIELDS}
+    if not args.synthetic:
+        record["data"] = str(Path(args.data if args.data is not None else default_root()).resolve())
+    return record
+
+
+def _flag(field: str) -> str:
+    return FLAG.get(field, "--" + field.replace("_", "-"))
+
+
+def _shown(value) -> str:
+    if isinstance(value, bool) or value is None:
+        return {True: "on", False: "off", None: "not set"}[value]
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def scale_lr(recipe: Recipe, base_batch: int, base_lr: float) -> tuple[Recipe, str | None]:
+    """The recipe's lr_scaling rule for a batch other than the one `base_lr` was tuned for: linear
+    (Goyal et al. 2017, as the fast recipes were derived) gives lr = base_lr * batch / base_batch;
+    none (the seed recipes: the report's values) keeps lr. Returns the recipe and a note; the
+    caller skips this when --lr was given."""
+    if recipe.batch_size == base_batch or recipe.lr_scaling == "none":
+        return recipe, None
+    lr = base_lr * recipe.batch_size / base_batch
+    return (dataclasses.replace(recipe, lr=lr),
+            f"batch {recipe.batch_size}: lr scaled to {lr:g} ({base_lr:g} x {recipe.batch_size}/{base_batch}, the "
+            f"linear scaling rule; --lr sets it)")
+
+
+def resume_settings(checkpoint: dict, args: argparse.Namespace, given: set[str], overrides: dict, where: Path,
+                    command: str) -> tuple[Recipe, list[str]]:
+    """What a resumed run trains with: the checkpoint's recipe and run fields, which `args` takes
+    on (it is changed in place), with the flags given on this command line checked against them.
+
+    given: the option names (argparse dests) present on the command line; overrides: the recipe
+    fields those flags set (None where not given). A flag that would change the data, the batch or
+    the optimisation is refused unless --allow-changes; --epochs may grow, --workers and compiling
+    may change. Returns the recipe and notes for the user. Raises UserError (one line) for a
+    checkpoint of the other model, a finished run, fewer epochs than done, another recipe, a batch
+    change in the middle of an epoch, and any refused change.
+    """
+    last = where / "last.pt"
+    held = checkpoint.get("model_name", command)
+    if held != command:
+        raise UserError(f"{last} holds a {held} run, not {command}: resume it with "
+                        f"python -m fasttrain {held} --out {where} --resume")
+    saved = recipe_from_dict(checkpoint["recipe"])
+    for field, flag in (("name", "recipe"), ("finetune", "finetune")):
+        if flag in given and getattr(args, flag) != getattr(saved, field):
+            raise UserError(f"--{flag} {_shown(getattr(args, flag))}: {last} was trained with "
+                            f"{flag} {_shown(getattr(saved, field))}; a different recipe is a new run (another --out)")
+    allow = getattr(args, "allow_changes", False)
+    notes, changed = [], []
+    record = checkpoint.get("run")
+    for field in RUN_FIELDS if record is not None else ():
+        before = record.get(field)
+        if field not in given:
+            setattr(args, field, Path(before) if field == "data" and before is not None else before)
+            continue
+        now = getattr(args, field)
+        if field == "data" and now is not None:
+            now = str(Path(now).resolve())
+        if now != before:
+            changed.append(f"{_flag(field)} {_shown(now)} (was {_shown(before)})")
+            if field == "data" and now is not None:
+                args.data = Path(now)
+    recipe = saved
+    for field, value in overrides.items():
+        if value is None or value == getattr(saved, field):
+            continue
+        if field not in FREE_ON_RESUME:
+            changed.append(f"{_flag(field)} {_shown(value)} (was {_shown(getattr(saved, field))})")
+        recipe = dataclasses.replace(recipe, **{field: value})
+    if changed and not allow:
+        raise UserError(f"--resume: {'; '.join(changed)} would change what this run trains on; "
+                        f"drop {'it' if len(changed) == 1 else 'them'} to continue as it started, "
+                        f"or pass --allow-changes")
+    if changed:
+        notes.append(f"resumed with changes: {'; '.join(changed)}")
+    if "lr" not in given:
+        recipe, note = scale_lr(recipe, saved.batch_size, saved.lr)
+        notes += [note] if note else []
+    done, step = checkpoint["epoch"], checkpoint.get("step", 0)
+    if recipe.batch_size != saved.batch_size and step:
+        raise UserError(f"--batch-size {recipe.batch_size}: {last} was saved in the middle of epoch {done + 1} "
+                        f"(step {step} of batch {saved.batch_size}); a new batch size can start only at an epoch "
+                        f"boundary: resume with batch {saved.batch_size}")
+    if recipe.epochs <= done:
+        if "epochs" not in given:
+            raise UserError(f"the run in {where} finished all {done} epochs; pass --epochs N (more than {done}) "
+                            f"to train it further")
+        raise UserError(f"--epochs {recipe.epochs}: the run in {where} has finished {done} epochs already; "
+                        f"pass more than {done}")
+    return recipe, notes
+
+
 # ---- the pieces ------------------------------------------------------------------------------
 
 
@@ -117,12 +230,16 @@ def open_data(args: argparse.Namespace, recipe: Recipe, dist: distributed.Dist, 
     else:
         # rank 0 first: a download happens once, then every other process reads the same files
         open_ = lambda: open_dataset(args.command, args.data, args.val_fraction,  # noqa: E731
-                                     max_pixels=args.max_image_pixels)
+                                     max_pixels=args.max_image_pixels, download=args.download)
         opened = distributed.on_main(dist, open_, device)
         data = opened if dist.is_main else open_()
         if args.num_classes is not None and args.num_classes != data.num_classes:
             raise UserError(f"--num-classes {args.num_classes}: the data set has {data.num_classes} classes")
     data = cap(data, args.train_limit, args.val_limit)
+    if data.num_classes < 2:
+        only = f" ({shown(data.classes[0])})" if data.classes else ""
+        raise UserError(f"the data set has {data.num_classes} class{only}: a classifier needs at least 2 "
+                        f"(one folder per class under {shown(data.root) if data.root else 'the data folder'})")
     if args.strict and data.kind == "folder":
         # rank 0 decodes first and remembers the verdicts; the other ranks then find them cached
         distributed.on_main(dist, lambda: check_strict(data, recipe), device)
@@ -195,6 +312,9 @@ def set_up(args: argparse.Namespace, recipe: Recipe, overrides: dict, checkpoint
     notes += [fitted] if fitted else []
     if on_data is not None:
         on_data(data)
+    if args.command == "resnet" and not recipe.finetune and recipe.weights == "none" and checkpoint is None:
+        notes.append("warning: --weights none without --finetune trains only the head on a random, frozen "
+                     "backbone, which cannot learn much; add --finetune to train every layer")
     from fasttrain.data.torch_loader import default_workers
 
     workers = recipe.workers if recipe.workers is not None else default_workers()
@@ -216,6 +336,16 @@ def set_up(args: argparse.Namespace, recipe: Recipe, overrides: dict, checkpoint
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
         set_rng_state(checkpoint["rng"])
+        saved = recipe_from_dict(checkpoint["recipe"])
+        if (recipe.lr, recipe.batch_size) != (saved.lr, saved.batch_size):
+            # resumed with --allow-changes, at an epoch boundary: the schedule goes on from the same
+            # point of the run in steps of the new batch, towards the new peak lr
+            steps = len(loaders.train) * checkpoint["epoch"]
+            scheduler.base_lrs = [recipe.lr * dist.world_size for _ in optimizer.param_groups]
+            scheduler.last_epoch = steps
+            for group in optimizer.param_groups:
+                group["initial_lr"] = recipe.lr * dist.world_size
+                group["lr"] = group["initial_lr"] * lr_factor(steps, recipe, len(loaders.train))
     parallel = _parallel(model, dist, device, args.sync_bn)
     compile_ = dev.compiler(compiled, recipe.compile_mode)
     # the model and its loss are compiled as one graph for training; the model alone for evaluation

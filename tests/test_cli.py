@@ -145,8 +145,10 @@ def test_nonsense_flags(flags, fragment):
 
 
 def test_missing_data_offline(tmp_path):
-    result = run_cli("cnn", "--data", tmp_path / "nothing", "--device", "cpu", "--out", tmp_path / "runs" / "a",
-                     env={"FASTTRAIN_CIFAR100_URL": "http://127.0.0.1:9/cifar-100-python.tar.gz"})
+    # the default data folder is downloaded into (an explicit --data only with --download)
+    result = run_cli("cnn", "--device", "cpu", "--out", tmp_path / "runs" / "a",
+                     env={"FASTTRAIN_CIFAR100_URL": "http://127.0.0.1:9/cifar-100-python.tar.gz",
+                          "FASTTRAIN_DATA": str(tmp_path / "nothing")})
     assert_one_line_error(result, "cifar-100-python/", str(tmp_path / "nothing"))
     assert not (tmp_path / "nothing").exists() and not (tmp_path / "runs").exists()  # no empty folders left
 

@@ -40,7 +40,7 @@ def test_download_verifies_and_unpacks(served_archive, tmp_path, monkeypatch):
     monkeypatch.setenv("FASTTRAIN_CIFAR100_URL", url)
     monkeypatch.setattr(download, "CIFAR100", dataclasses.replace(download.CIFAR100, md5=md5))
     target = tmp_path / "data"
-    data = open_dataset("cnn", target)  # absent folder: downloaded
+    data = open_dataset("cnn", target, download=True)  # absent folder, --download: downloaded
     assert data.kind == "cifar" and len(data.train) == 48
     assert (target / "cifar-100-python" / "meta").is_file()
     assert not (target / "cifar-100-python.tar.gz").exists()  # archive removed after unpacking
@@ -51,7 +51,7 @@ def test_a_checksum_mismatch_is_refused_and_the_file_removed(served_archive, tmp
     monkeypatch.setenv("FASTTRAIN_CIFAR100_URL", url)  # the official MD5 cannot match this archive
     target = tmp_path / "data"
     with pytest.raises(UserError, match="MD5") as err:
-        open_dataset("cnn", target)
+        open_dataset("cnn", target, download=True)
     assert "\n" not in str(err.value)
     assert not (target / "cifar-100-python.tar.gz").exists()
     assert not (target / "cifar-100-python").exists()
@@ -60,7 +60,7 @@ def test_a_checksum_mismatch_is_refused_and_the_file_removed(served_archive, tmp
 def test_offline_is_a_one_line_error_saying_where_to_put_the_data(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTTRAIN_CUB200_URL", "http://127.0.0.1:9/CUB_200_2011.tgz")  # discard port: refused
     with pytest.raises(UserError) as err:
-        open_dataset("resnet", tmp_path / "birds")
+        open_dataset("resnet", tmp_path / "birds", download=True)
     message = str(err.value)
     assert "\n" not in message and "CUB_200_2011/" in message and str(tmp_path / "birds") in message
 

@@ -74,14 +74,16 @@ def test_mismatched_checkpoints_and_data_are_one_line_errors(cnn_run, tmp_path):
     other = tmp_path / "other"
     write_cifar(other, classes=["a", "b", "c", "d"])
     assert "differ from the checkpoint" in _error("evaluate", "--checkpoint", cnn_run / "best.pt", "--data", other,
-                                                  "--device", "cpu")
+                                                  "--out", tmp_path / "eval", "--device", "cpu")
     (tmp_path / "x.pt").write_bytes(b"not a checkpoint")
     assert "not a readable fasttrain checkpoint" in _error("predict", "--checkpoint", tmp_path / "x.pt", "--data",
-                                                           other, "--device", "cpu")
+                                                           other, "--out", tmp_path / "p.csv", "--device", "cpu")
     import torch
     torch.save({"weights": torch.zeros(2)}, tmp_path / "y.pt")
-    assert "not a fasttrain checkpoint" in _error("evaluate", "--checkpoint", tmp_path / "y.pt", "--data", other)
+    assert "not a fasttrain checkpoint" in _error("evaluate", "--checkpoint", tmp_path / "y.pt", "--data", other,
+                                                  "--out", tmp_path / "eval")
     ck = torch.load(cnn_run / "best.pt", weights_only=True)
     ck["classes"] = ck["classes"] + ["extra"]  # a checkpoint whose class count does not match its weights
     torch.save(ck, tmp_path / "z.pt")
-    assert "do not fit" in _error("predict", "--checkpoint", tmp_path / "z.pt", "--data", other, "--device", "cpu")
+    assert "do not fit" in _error("predict", "--checkpoint", tmp_path / "z.pt", "--data", other, "--out",
+                                  tmp_path / "p.csv", "--device", "cpu")

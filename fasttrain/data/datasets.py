@@ -249,7 +249,8 @@ def load_image_folder(path: Path, val_fraction: float, max_pixels: int | None = 
 
 
 def open_for_evaluation(model: str, path: Path | None, split: str, classes: list[str],
-                        max_pixels: int | None = DEFAULT_MAX_PIXELS, val_fraction: float = 0.1) -> DataSet:
+                        max_pixels: int | None = DEFAULT_MAX_PIXELS, val_fraction: float = 0.1,
+                        download: bool = False) -> DataSet:
     """The images to score against a checkpoint's `classes`, as DataSet.val.
 
     split "val": the validation split training used (val/, valid/, validation/, else test/; the
@@ -257,11 +258,13 @@ def open_for_evaluation(model: str, path: Path | None, split: str, classes: list
     holds only val/ or test/ is scored whole. "test": the test/ (or testing/) folder. "all": every
     image under `path`, read as class folders (point --data at a labelled test folder). Class
     folders are matched to the checkpoint's classes by name (Unicode NFC); a folder that is no
-    class of the checkpoint is refused in one line, as is a split that is not there.
+    class of the checkpoint is refused in one line, as is a split that is not there. A missing or
+    empty `path` gets the model's own data set downloaded into it only with `download`, and only for
+    "val" (open_dataset's rule).
     """
     simple = path is None or find_cifar_dir(path) is not None or _find_cub_dir(path) is not None
-    if split == "val" and (simple or _has_train(path)):
-        return open_dataset(model, path, val_fraction, max_pixels)
+    if split == "val" and (simple or _has_train(path) or _is_empty(path)):
+        return open_dataset(model, path, val_fraction, max_pixels, download)
     if path is None or not path.is_dir() or simple:
         raise UserError(f"--split {split}: --data must be an image folder" if path is not None and path.is_dir()
                         else f"--data {shown(path or default_root())}: no such folder")
@@ -269,13 +272,13 @@ def open_for_evaluation(model: str, path: Path | None, split: str, classes: list
     top = _subfolders(index, ())
     wrapper = _wrapper(index, top)
     if wrapper is not None:
-        return open_for_evaluation(model, path / wrapper, split, classes, max_pixels, val_fraction)
+        return open_for_evaluation(model, path / wrapper, split, classes, max_pixels, val_fraction, download)
     lower = {name.lower(): name for name in top}
     names = {"val": VAL_NAMES + TEST_NAMES, "test": TEST_NAMES, "all": ()}[split]
     chosen = next((lower[n] for n in names if n in lower), None)
     notes = []
     if chosen is None and split == "val":  # class folders alone: the share training held out
-        data = open_dataset(model, path, val_fraction, max_pixels)
+        data = open_dataset(model, path, val_fraction, max_pixels, download)
         data.notes.append(f"scoring the {val_fraction:g} of each class held out for validation, as training "
                           f"did; --split all scores every image")
         return data
@@ -341,13 +344,15 @@ def _is_empty(path: Path) -> bool:
 
 
 def open_dataset(model: str, data: Path | None, val_fraction: float = 0.1,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> DataSet:
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, download: bool = False) -> DataSet:
     """Find the data set under `data` (default: $FASTTRAIN_DATA or ./data) in any known layout.
 
     CIFAR-10/100 python pickles, the CUB_200_2011 release, or an image folder (see
     load_image_folder); image folders are read through the data index (fasttrain/data/index.py).
-    An absent or empty folder gets the model's own data set downloaded and verified:
-    CIFAR-100 for the CNN, CUB-200-2011 for ResNet-18. Raises UserError for what it cannot read.
+    The model's own data set (CIFAR-100 for the CNN, CUB-200-2011 for ResNet-18) is downloaded and
+    verified into the default folder when that is absent or empty; into an explicit `data` folder
+    only with `download` (--download): a path given by hand that is not there is a typo far more
+    often than a wish for a 160 MB download. Raises UserError for what it cannot read.
     """
     if data is None:
         return _own_dataset(model, default_root())
@@ -359,11 +364,23 @@ def open_dataset(model: str, data: Path | None, val_fraction: float = 0.1,
     if _find_cub_dir(path) is not None:
         return load_cub(_find_cub_dir(path), max_pixels)
     if _is_empty(path):
+        if not download:
+            raise no_data(path, model)
         return _own_dataset(model, path)
     if not any(p.is_dir() and ignore_rule(p.name, True) is None for p in path.iterdir()):
         raise UserError(f"{shown(path)}: unknown layout; expected CIFAR python pickles (cifar-100-python/ or "
                         f"cifar-10-batches-py/), train/ and val/ class folders, class folders alone, or CUB_200_2011/")
     return load_image_folder(path, val_fraction, max_pixels)
+
+
+OWN_DATA = {"cnn": download.CIFAR100.name, "resnet": download.CUB200.name}
+
+
+def no_data(path: Path, model: str | None = None) -> UserError:
+    """An explicit --data that is missing or empty, and no --download: named, with the flag that downloads."""
+    what = "no such folder" if not path.exists() else "an empty folder"
+    own = OWN_DATA.get(model, "the model's data set")
+    return UserError(f"--data {shown(path)}: {what}; pass --download to download {own} into it")
 
 
 def _own_dataset(model: str, root: Path) -> DataSet:
