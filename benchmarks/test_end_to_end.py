@@ -13,7 +13,6 @@ import dataclasses
 import math
 
 import pytest
-import torch
 from torch import nn
 
 from benchmarks.common import CUDA, DEVICE, SIZES, run
@@ -28,9 +27,9 @@ from fasttrain.train import ForwardLoss, TrainStep, make_optimizer, make_schedul
 
 def _bench(benchmark, pipeline, variant, data, model_name, images, batch):
     _skip_unavailable(variant)
-    loader, cache, where = VARIANTS[variant]
+    loader, cache, where, augment = VARIANTS[variant]
     recipe = get_recipe(model_name, "fast", finetune=True).replace(
-        loader=loader, cache=cache, batch_size=batch, amp=CUDA, compile=CUDA)
+        loader=loader, cache=cache, batch_size=batch, amp=CUDA, compile=CUDA, cache_augment=augment)
     data = cap(dataclasses.replace(data), images, None)
     loaders = build_loaders(data, recipe, where, default_workers(), seed=0)
     expected = len(data.train) // batch * batch  # training loaders deliver whole batches only
@@ -78,11 +77,11 @@ class _on_device:
             yield images.to(DEVICE, non_blocking=True), labels.to(DEVICE, non_blocking=True)
 
 
-@pytest.mark.parametrize("variant", ["torch", "dali", "dali-cache"])
+@pytest.mark.parametrize("variant", ["torch", "dali", "dali-cache", "device-cache"])
 def test_e2e_cnn(benchmark, variant, cifar_data):
     _bench(benchmark, "e2e-cnn", variant, cifar_data, "cnn", SIZES.e2e_cnn_images, SIZES.cnn_fast_batch)
 
 
-@pytest.mark.parametrize("variant", ["torch", "dali-cpu", "dali", "dali-cache"])
+@pytest.mark.parametrize("variant", ["torch", "dali-cpu", "dali", "dali-cache", "device-cache"])
 def test_e2e_resnet(benchmark, variant, photo_data):
     _bench(benchmark, "e2e-resnet", variant, photo_data, "resnet", SIZES.e2e_resnet_images, SIZES.resnet_fast_batch)

@@ -16,12 +16,13 @@ from fasttrain.data import build_loaders
 from fasttrain.data.torch_loader import default_workers
 from fasttrain.recipes import CNN_FAST, RESNET_FAST
 
-# variant -> (loader, cache, where the pipeline runs)
+# variant -> (loader, cache, where the pipeline runs, how the cache's batches are augmented)
 VARIANTS = {
-    "torch": ("torch", "none", DEVICE),
-    "dali-cpu": ("dali", "none", torch.device("cpu")),
-    "dali": ("dali", "none", DEVICE),
-    "dali-cache": ("dali", "gpu", DEVICE),
+    "torch": ("torch", "none", DEVICE, "auto"),
+    "dali-cpu": ("dali", "none", torch.device("cpu"), "auto"),
+    "dali": ("dali", "none", DEVICE, "auto"),
+    "dali-cache": ("dali", "gpu", DEVICE, "dali"),
+    "device-cache": ("dali", "gpu", DEVICE, "device"),
 }
 
 
@@ -41,9 +42,9 @@ def _epoch(loader, batch: int, size: int) -> int:
 
 
 def _bench(benchmark, pipeline, variant, data, recipe, batch):
-    loader, cache, where = VARIANTS[variant]
-    loaders = build_loaders(data, recipe.replace(loader=loader, cache=cache, batch_size=batch), where,
-                            default_workers(), seed=0)
+    loader, cache, where, augment = VARIANTS[variant]
+    recipe = recipe.replace(loader=loader, cache=cache, batch_size=batch, cache_augment=augment)
+    loaders = build_loaders(data, recipe, where, default_workers(), seed=0)
     expected = len(data.train) // batch * batch  # training loaders deliver whole batches only
     assert expected > 0 and len(loaders.train) * batch == expected
     run(benchmark, lambda: _epoch(loaders.train, batch, recipe.image_size), pipeline=pipeline, variant=variant,
@@ -59,13 +60,13 @@ def _skip_unavailable(variant):
         pytest.skip("needs a CUDA GPU for DALI's mixed/GPU operators (dali-cpu covers the CPU)")
 
 
-@pytest.mark.parametrize("variant", ["torch", "dali-cpu", "dali", "dali-cache"])
+@pytest.mark.parametrize("variant", ["torch", "dali-cpu", "dali", "dali-cache", "device-cache"])
 def test_cifar_loader(benchmark, variant, cifar_data):
     _skip_unavailable(variant)
     _bench(benchmark, "cifar", variant, cifar_data, CNN_FAST, SIZES.cifar_batch)
 
 
-@pytest.mark.parametrize("variant", ["torch", "dali-cpu", "dali", "dali-cache"])
+@pytest.mark.parametrize("variant", ["torch", "dali-cpu", "dali", "dali-cache", "device-cache"])
 def test_jpeg_loader(benchmark, variant, photo_data):
     _skip_unavailable(variant)
     _bench(benchmark, "jpeg", variant, photo_data, RESNET_FAST, SIZES.photo_batch)

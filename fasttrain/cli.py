@@ -19,7 +19,7 @@ from fasttrain.errors import RunError, UserError
 from fasttrain.recipes import Recipe, get_recipe, override
 
 RECIPE_FLAGS = ("epochs", "batch_size", "lr", "workers", "amp", "compile", "channels_last", "loader", "cache",
-                "weights", "compile_mode")
+                "weights", "compile_mode", "cache_augment")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -77,6 +77,9 @@ def _add_train_flags(p: argparse.ArgumentParser, model: str) -> None:
     p.add_argument("--loader", choices=backend_names(), help="input pipeline (default: the fastest available)")
     p.add_argument("--cache", choices=["auto", "gpu", "none"],
                    help="DALI: decode the data set once and keep it on the GPU (auto: when it fits)")
+    p.add_argument("--cache-augment", choices=["auto", "device", "dali"],
+                   help="with the cache: augment with batched tensor ops on the device (device) or with DALI's "
+                        "operators (dali); auto: $FASTTRAIN_CACHE_AUGMENT, else device")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
     p.add_argument("--epochs", type=_positive_int)
     p.add_argument("--batch-size", type=_positive_int)

@@ -42,6 +42,9 @@ class Recipe:
     workers: int | None            # DataLoader processes / DALI threads; None = one per core
     cache: Literal["auto", "gpu", "none"]  # DALI: keep the decoded data set on the GPU (auto: if it fits)
     warmup_start: float = 0.1      # warm-up starts at this fraction of lr
+    cache_augment: Literal["auto", "dali", "device"] = "auto"  # with the cache: batched tensor ops on the
+                                   # device (airbench's way) or DALI's operators; auto = $FASTTRAIN_CACHE_AUGMENT,
+                                   # else device, until a GPU measurement (benchmarks/gpu_check.sh) decides
     lr_scaling: Literal["linear", "none"] = "linear"  # lr for a --batch-size other than the recipe's:
                                    # linear = lr * batch / batch_size (Goyal et al. 2017); none = lr as given
     compile_mode: str = "default"  # torch.compile mode: default, max-autotune, reduce-overhead (CUDA graphs);

@@ -178,6 +178,9 @@ def test_a_run_is_never_overwritten_and_resume_needs_matching_classes(tmp_path, 
     other = tmp_path / "other"
     write_cifar(other, classes=["x", "y", "z"])
     result = run_cli("cnn", "--data", other, "--out", out, "--resume", "--epochs", "2", "--device", "cpu")
-    assert_one_line_error(result, "classes")
+    assert_one_line_error(result, "--data", "(was ", "--allow-changes")  # another data set: refused as a change
+    result = run_cli("cnn", "--data", other, "--out", out, "--resume", "--epochs", "2", "--device", "cpu",
+                     "--allow-changes")
+    assert_one_line_error(result, "classes")  # allowed, but its classes differ from the checkpoint's
     assert (out / "metrics.jsonl").read_text() == before
     assert_one_line_error(run_cli("cnn", "--out", tmp_path / "new", "--resume", "--synthetic"), "no checkpoint")

@@ -44,16 +44,17 @@ needs_dali = pytest.mark.skipif(not __import__("fasttrain.data.dali_loader", fro
 
 @needs_cuda
 @needs_dali
+@pytest.mark.parametrize("augment", ["device", "dali"])
 @pytest.mark.parametrize("layout, model, cache", [("cifar", "cnn", "none"), ("cifar", "cnn", "gpu"),
                                                   ("jpeg", "resnet", "none"), ("jpeg", "resnet", "gpu")])
-def test_dali_gpu_loader_contract(layout, model, cache, cifar_root, jpeg_root):
+def test_dali_gpu_loader_contract(layout, model, cache, augment, cifar_root, jpeg_root):
     from fasttrain.data import build_loaders, open_dataset
     from fasttrain.recipes import CNN_FAST, RESNET_FAST
 
     data = open_dataset(model, cifar_root if layout == "cifar" else jpeg_root)
-    recipe = (CNN_FAST if model == "cnn" else RESNET_FAST).replace(batch_size=8, cache=cache)
+    recipe = (CNN_FAST if model == "cnn" else RESNET_FAST).replace(batch_size=8, cache=cache, cache_augment=augment)
     loaders = build_loaders(data, recipe, torch.device("cuda"), 4, 0)
-    assert loaders.backend == ("dali-cache" if cache == "gpu" else "dali")
+    assert loaders.backend == (f"{augment}-cache" if cache == "gpu" else "dali")
     for _ in range(2):
         for images, labels in loaders.train:
             assert images.is_cuda and labels.is_cuda and labels.dtype == torch.int64

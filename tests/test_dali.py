@@ -18,9 +18,9 @@ from conftest import class_image
 CPU = torch.device("cpu")
 
 
-def loaders_for(data, recipe, loader, cache="none", batch=8, threads=2):
-    return build_loaders(data, recipe.replace(loader=loader, batch_size=batch, cache=cache, channels_last=True),
-                         CPU, threads if loader == "dali" else 0, seed=0)
+def loaders_for(data, recipe, loader, cache="none", batch=8, threads=2, augment="auto"):
+    recipe = recipe.replace(loader=loader, batch_size=batch, cache=cache, channels_last=True, cache_augment=augment)
+    return build_loaders(data, recipe, CPU, threads if loader == "dali" else 0, seed=0)
 
 
 def collect(loader):
@@ -59,14 +59,15 @@ def coordinate_root(tmp_path_factory):
 # ---- the loader contract -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("layout, model, cache", [
-    ("cifar", "cnn", "none"), ("cifar", "cnn", "gpu"), ("jpeg", "cnn", "none"),
-    ("jpeg", "resnet", "none"), ("jpeg", "resnet", "gpu"), ("cifar", "resnet", "none")])
-def test_dali_loader_contract(layout, model, cache, cifar_root, jpeg_root):
+@pytest.mark.parametrize("layout, model, cache, augment", [
+    ("cifar", "cnn", "none", "auto"), ("cifar", "cnn", "gpu", "dali"), ("cifar", "cnn", "gpu", "device"),
+    ("jpeg", "cnn", "none", "auto"), ("jpeg", "resnet", "none", "auto"), ("jpeg", "resnet", "gpu", "dali"),
+    ("jpeg", "resnet", "gpu", "device"), ("cifar", "resnet", "none", "auto")])
+def test_dali_loader_contract(layout, model, cache, augment, cifar_root, jpeg_root):
     data = open_dataset(model, cifar_root if layout == "cifar" else jpeg_root)
     recipe = CNN_SEED if model == "cnn" else RESNET_SEED
-    loaders = loaders_for(data, recipe, "dali", cache)
-    assert loaders.backend == ("dali-cache" if cache == "gpu" else "dali-cpu")
+    loaders = loaders_for(data, recipe, "dali", cache, augment=augment)
+    assert loaders.backend == (f"{augment}-cache" if cache == "gpu" else "dali-cpu")
     size = recipe.image_size
     for _ in range(2):  # two epochs: the iterator resets itself
         batches = list(loaders.train)

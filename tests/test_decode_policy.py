@@ -275,8 +275,8 @@ def _levels(loaders) -> tuple[np.ndarray, np.ndarray]:
     return images.permute(0, 2, 3, 1).numpy(), torch.cat(labels).numpy()
 
 
-def loaders_for(data, loader: str, cache: str = "none"):
-    recipe = CNN_SEED.replace(loader=loader, batch_size=8, cache=cache, channels_last=False)
+def loaders_for(data, loader: str, cache: str = "none", augment: str = "auto"):
+    recipe = CNN_SEED.replace(loader=loader, batch_size=8, cache=cache, channels_last=False, cache_augment=augment)
     return build_loaders(data, recipe, CPU, 2 if loader == "dali" else 0, seed=0)
 
 
@@ -294,15 +294,17 @@ def evaluation_batches(corpus):
     root, _, _ = corpus
     data = open_dataset("cnn", root)
     out = {"files": list(data.val.files), "labels": data.val.labels}
-    for name, loader, cache in (("torch", "torch", "none"), ("dali", "dali", "none"), ("dali-cache", "dali", "gpu")):
-        loaders = loaders_for(open_dataset("cnn", root), loader, cache)
-        assert loaders.backend == {"torch": "torch", "dali": "dali-cpu", "dali-cache": "dali-cache"}[name]
+    for name, loader, cache, augment in (("torch", "torch", "none", "auto"), ("dali", "dali", "none", "auto"),
+                                         ("dali-cache", "dali", "gpu", "dali"),
+                                         ("device-cache", "dali", "gpu", "device")):
+        loaders = loaders_for(open_dataset("cnn", root), loader, cache, augment)
+        assert loaders.backend == {"torch": "torch", "dali": "dali-cpu"}.get(name, name)
         out[name] = _levels(loaders)
     return out
 
 
 @pytest.mark.parametrize("name", KIND_NAMES)
-@pytest.mark.parametrize("other", ["dali", "dali-cache"])
+@pytest.mark.parametrize("other", ["dali", "dali-cache", "device-cache"])
 def test_the_loaders_serve_the_same_evaluation_pixels(name, other, corpus, evaluation_batches):
     _, _, paths = corpus
     files = evaluation_batches["files"]
@@ -316,7 +318,7 @@ def test_the_loaders_serve_the_same_evaluation_pixels(name, other, corpus, evalu
     worst, mean = float(diff.max()), float(diff.mean())
     assert mean <= RESAMPLING["mean"] and worst <= RESAMPLING["max"], \
         f"{name} ({paths[name].name}): {other} and torch differ by {worst:.2f} levels at most, {mean:.3f} on average"
-    if other == "dali-cache":
+    if other.endswith("-cache"):
         gap = float(np.abs(images[i] - evaluation_batches["dali"][0][i]).max())
         assert gap <= CACHE_ATOL, f"{name} ({paths[name].name}): the cache and the files differ by {gap:.4f} levels"
 

@@ -26,7 +26,7 @@ def test_each_rank_sees_a_disjoint_equal_shard_covering_the_epoch(tmp_path):
     proc = torchrun("tests/helpers/dist_probe.py", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())
-    assert set(results) == {"torch", "dali", "dali-cache"}
+    assert set(results) == {"torch", "dali", "dali-cache", "device-cache"}
     for loader, ranks in results.items():
         train = [r["train"] for r in ranks]
         assert ranks[0]["steps"] == ranks[1]["steps"] == 5, loader  # 53 samples, 2 ranks, batch 5

@@ -252,8 +252,9 @@ def colour_folder(root: Path) -> list[Path]:
     return broken
 
 
+@pytest.mark.parametrize("augment", ["device", "dali"])
 @pytest.mark.parametrize("normalize", ["imagenet", "dataset"])
-def test_the_dali_cache_keeps_labels_with_their_images_when_files_fail(normalize, tmp_path):
+def test_the_dali_cache_keeps_labels_with_their_images_when_files_fail(normalize, augment, tmp_path):
     """Every image the cache serves has its own class's colour: a failed file shifts no row.
 
     With "imagenet" statistics both damaged files reach the cache; with "dataset" statistics the
@@ -261,11 +262,12 @@ def test_the_dali_cache_keeps_labels_with_their_images_when_files_fail(normalize
     """
     broken = colour_folder(tmp_path)
     data = open_dataset("cnn", tmp_path)
-    recipe = CNN_SEED.replace(loader="dali", cache="gpu", batch_size=2, channels_last=False, normalize=normalize)
+    recipe = CNN_SEED.replace(loader="dali", cache="gpu", batch_size=2, channels_last=False, normalize=normalize,
+                              cache_augment=augment)
     heard = []
     loaders = build_loaders(data, recipe, torch.device("cpu"), 1, 0,
                             on_skip=lambda split, path, why: heard.append((split, path)))
-    assert loaders.backend == "dali-cache"
+    assert loaders.backend == f"{augment}-cache"
     assert sorted(heard) == [("train", broken[0]), ("val", broken[1])]
     mean = torch.tensor(loaders.mean).view(1, 3, 1, 1)
     std = torch.tensor(loaders.std).view(1, 3, 1, 1)
@@ -299,7 +301,7 @@ def test_the_dali_cache_names_and_counts_damaged_files_in_a_run(tmp_path, capsys
         assert f"skipped {path}: cannot be decoded" in printed
         assert f"{path}\tdamaged\tcannot be decoded" in listed
     s = summary(out)
-    assert s["loader"] == "dali-cache" and s["skipped_files"] == 2
+    assert s["loader"] == "device-cache" and s["skipped_files"] == 2
     assert s["files"]["left_out"] == {"damaged": 2}
     assert (s["files"]["train"], s["files"]["val"], s["files"]["found"]) == (11, 8, 21)
 

@@ -14,8 +14,17 @@ The augmentation matches the torch baseline (fasttrain/data/transforms.py):
 Every pipeline is fed by one external source that visits samples in the order of
 fasttrain/data/order.py (a permutation seeded by seed and epoch, so a resumed run sees the same
 next epoch): raw uint8 arrays (CIFAR), or encoded file paths that DALI's own threads read
-(fn.io.file.read) and decode. Decoded data sets can also be kept on the training device
-(`decode_to_device`) and served through the same operators.
+(fn.io.file.read) and decode.
+
+The cache (`--cache gpu`, or `auto` on CUDA when it fits) keeps the decoded data set on the
+training device (`decode_to_device`; CIFAR's arrays as they are). Its batches are augmented one
+of two ways, chosen by the environment variable FASTTRAIN_CACHE_AUGMENT (`cache_augment`):
+- "device" (the default): batched tensor ops on the training stream, airbench's way
+  (fasttrain/data/device_augment.py); the loader is named "device-cache".
+- "dali": gathered on a side stream and fed to the same DALI operators as above; the loader is
+  named "dali-cache".
+Issue 10 asks for the faster of the two on a saturated GPU; `bash benchmarks/gpu_check.sh`
+measures both (loader alone, and data wait while training the fast CNN recipe).
 """
 
 from __future__ import annotations
@@ -43,6 +52,8 @@ from fasttrain.recipes import Recipe
 DALI_PACKAGE = "nvidia-dali-cuda130"
 PREFETCH = 2  # DALI's prefetch_queue_depth for the training and evaluation pipelines
 CACHE_SHARE = 0.25  # --cache auto keeps a data set on the GPU when it takes at most this share of free memory
+CACHE_AUGMENT_ENV = "FASTTRAIN_CACHE_AUGMENT"  # how the cache's batches are augmented: "device" or "dali"
+CACHE_AUGMENT_DEFAULT = "device"  # until a GPU measurement (benchmarks/gpu_check.sh) says otherwise
 
 
 def import_dali():
@@ -178,22 +189,31 @@ def host_arrays(images: np.ndarray, labels: np.ndarray):
     return lambda index: (images[index], labels[index, None])
 
 
-def device_arrays(images: torch.Tensor, labels: np.ndarray):
-    """Gather batches from a device-resident uint8 tensor.
+class DeviceGather:
+    """Fetch for the DALI cache path: gather batches from a device-resident uint8 tensor, never waiting.
 
-    The gather runs on a side stream and is waited for there alone: DALI then copies a finished
-    buffer, and the training kernels queued on the default stream are never waited on.
+    The index goes to the device from pinned memory and the gather runs on a side stream, so the
+    host queues them and returns at once. DALI's external source is told this stream
+    (`_external`: fn.external_source(cuda_stream=...)), so it copies each batch on the same
+    stream, after the gather: no stream.synchronize() per batch, and the training kernels queued
+    on the default stream are never waited on. The last few batches are kept referenced, so no
+    gathered buffer is freed (and reused) before DALI's copy of it has run.
     """
-    device_labels = torch.as_tensor(labels, device=images.device)
-    stream = torch.cuda.Stream(images.device)
 
-    def fetch(index):
-        with torch.cuda.stream(stream):
-            picked = torch.as_tensor(index, device=images.device)
-            batch, batch_labels = images[picked], device_labels[picked][:, None]
-        stream.synchronize()
+    def __init__(self, images: torch.Tensor, labels: np.ndarray):
+        self.images = images
+        self.labels = torch.as_tensor(labels, device=images.device)
+        self.stream = torch.cuda.Stream(images.device)
+        self.stream.wait_stream(torch.cuda.current_stream(images.device))  # the cache was written there
+        self.alive: collections.deque = collections.deque(maxlen=PREFETCH + 2)
+
+    def __call__(self, index: np.ndarray):
+        with torch.cuda.stream(self.stream):
+            picked = torch.from_numpy(np.ascontiguousarray(index)).pin_memory().to(self.images.device,
+                                                                                  non_blocking=True)
+            batch, batch_labels = self.images[picked], self.labels[picked][:, None]
+        self.alive.append((batch, batch_labels))
         return batch, batch_labels
-    return fetch
 
 
 class FilePaths:
@@ -270,8 +290,10 @@ def dali_files(split: FileSplit, threads: int) -> tuple[list[Path], list[tuple[i
 
 def _external(fn, source: BatchSource, placement: Placement, layout: str):
     device = "gpu" if source.on_device else "cpu"
+    # device data: DALI copies it on the stream that made it (DeviceGather), ordered after the gather
+    stream = {"cuda_stream": source.fetch.stream} if isinstance(source.fetch, DeviceGather) else {}
     data, labels = fn.external_source(source=source, num_outputs=2, layout=[layout, ""], cycle="raise",
-                                      device=device)
+                                      device=device, **stream)
     if placement.on_gpu and not source.on_device:
         labels = labels.gpu()
         if layout == "HWC":
@@ -486,35 +508,59 @@ def choose_cache(mode: str, data, recipe: Recipe, device: torch.device) -> tuple
     return False, f"cache off: {gb} is more than {CACHE_SHARE:.0%} of the {free / 2**30:.1f} GiB free"
 
 
+def cache_augment(choice: str | None = None) -> str:
+    """How batches from the cache are augmented: "device" (batched tensor ops on the training
+    stream, fasttrain/data/device_augment.py) or "dali" (DALI's operators, fed from the cache).
+
+    choice "device" or "dali" decides; None or "auto" reads $FASTTRAIN_CACHE_AUGMENT, else
+    CACHE_AUGMENT_DEFAULT.
+    """
+    if choice in (None, "auto"):
+        choice = os.environ.get(CACHE_AUGMENT_ENV, "").strip().lower() or CACHE_AUGMENT_DEFAULT
+    if choice not in ("device", "dali"):
+        raise UserError(f"unknown cache augmentation {choice!r} (from {CACHE_AUGMENT_ENV}?): "
+                        f"use device or dali")
+    return choice
+
+
 def dali_loader(split, train: bool, recipe: Recipe, device: torch.device, threads: int, seed: int, mean, std,
                 cache: bool = False, shard_id: int = 0, num_shards: int = 1, start_epoch: int = 1,
-                start_step: int = 0, on_skip: Callable[[Path, str], None] | None = None) -> DaliLoader:
+                start_step: int = 0, on_skip: Callable[[Path, str], None] | None = None,
+                augment: str | None = None):
     """One split's loader: training (shuffled, whole batches) or evaluation (every sample, in order).
 
-    on_skip(path, reason) hears of every file found undecodable, while the loader is built (the
-    cache, files decoded by the policy) and later mid-epoch; the loader leaves it out, label too.
+    With the cache, `augment` (see cache_augment) picks a DeviceCacheLoader or DALI's operators;
+    both visit the samples in the same order. on_skip(path, reason) hears of every file found
+    undecodable, while the loader is built (the cache, files decoded by the policy) and later
+    mid-epoch; the loader leaves it out, label too.
     """
     tell = [on_skip] if on_skip is not None else []
-    if cache and isinstance(split, FileSplit):
-        decoded, kept = decode_to_device(split, recipe, device, threads, on_skip)
-        split = FileSplit([split.files[i] for i in kept], split.labels[kept])
-        kind = "cache"
-        fetch = device_arrays(decoded, split.labels) if device.type == "cuda" else host_arrays(decoded, split.labels)
-        source = BatchSource(EpochOrder(len(split), recipe.batch_size, train, seed, shard_id, num_shards,
-                                        start_epoch, start_step), fetch, on_device=device.type == "cuda")
-        loader = DaliLoader(pipeline_builder(kind, recipe, mean, std, train, device, threads, seed), source,
-                            recipe.channels_last, train)
+    if cache:
+        if isinstance(split, FileSplit):
+            decoded, kept = decode_to_device(split, recipe, device, threads, on_skip)
+            split, kind = FileSplit([split.files[i] for i in kept], split.labels[kept]), "cache"
+        else:
+            decoded, kind = split.images, "arrays"
+        order = EpochOrder(len(split), recipe.batch_size, train, seed, shard_id, num_shards, start_epoch, start_step)
+        if cache_augment(augment) == "device":
+            from fasttrain.data.device_augment import DeviceCacheLoader
+
+            loader = DeviceCacheLoader(torch.as_tensor(decoded, device=device),
+                                       torch.as_tensor(split.labels, device=device), order, recipe, mean, std,
+                                       train, seed)
+        else:
+            on_gpu = device.type == "cuda"
+            fetch = DeviceGather(torch.as_tensor(decoded, device=device), split.labels) if on_gpu \
+                else host_arrays(np.asarray(decoded), split.labels)
+            loader = DaliLoader(pipeline_builder(kind, recipe, mean, std, train, device, threads, seed),
+                                BatchSource(order, fetch, on_device=on_gpu), recipe.channels_last, train)
         loader.on_skip += tell
         return loader
     order = EpochOrder(len(split), recipe.batch_size, train, seed, shard_id, num_shards, start_epoch, start_step)
     files = None
     if isinstance(split, ArraySplit):
         kind = "arrays"
-        if cache and device.type == "cuda":
-            source = BatchSource(order, device_arrays(torch.as_tensor(split.images, device=device), split.labels),
-                                 on_device=True)
-        else:
-            source = BatchSource(order, host_arrays(split.images, split.labels))
+        source = BatchSource(order, host_arrays(split.images, split.labels))
     else:
         kind, (files, bad) = "files", dali_files(split, threads)
         for i, reason in bad:
@@ -529,9 +575,12 @@ def dali_loader(split, train: bool, recipe: Recipe, device: torch.device, thread
     return loader
 
 
-def variant_name(device: torch.device, cache: bool) -> str:
-    """How benchmarks and summaries name a DALI loader: dali-cache, dali (GPU) or dali-cpu."""
-    return "dali-cache" if cache else ("dali" if device.type == "cuda" else "dali-cpu")
+def variant_name(device: torch.device, cache: bool, augment: str | None = None) -> str:
+    """How benchmarks and summaries name a DALI loader: device-cache or dali-cache (the cache, by
+    cache_augment), dali (GPU) or dali-cpu."""
+    if cache:
+        return f"{cache_augment(augment)}-cache"
+    return "dali" if device.type == "cuda" else "dali-cpu"
 
 
 def _fixed_shard(split, shard_id: int, num_shards: int, seed: int, train: bool):
@@ -545,11 +594,12 @@ def _fixed_shard(split, shard_id: int, num_shards: int, seed: int, train: bool):
 
 def dali_loaders(data, recipe: Recipe, device: torch.device, threads: int, seed: int, mean, std,
                  shard_id: int = 0, num_shards: int = 1, start_epoch: int = 1, start_step: int = 0,
-                 on_skip: Callable[[str, Path, str], None] | None = None
-                 ) -> tuple[DaliLoader, DaliLoader, str, list[str]]:
+                 on_skip: Callable[[str, Path, str], None] | None = None, augment: str | None = None
+                 ) -> tuple[object, object, str, list[str]]:
     """Training and evaluation loaders, the variant's name and what was decided on the way.
 
     on_skip(split, path, reason), split "train" or "val", hears of each file found undecodable.
+    augment: how the cache's batches are augmented (cache_augment; None: $FASTTRAIN_CACHE_AUGMENT).
     """
     import_dali()
     cache, why = choose_cache(recipe.cache, data, recipe, device)
@@ -559,10 +609,17 @@ def dali_loaders(data, recipe: Recipe, device: torch.device, threads: int, seed:
                                    val=_fixed_shard(data.val, shard_id, num_shards, seed, False))
         shard_id, num_shards = 0, 1
         why += " (this process's shard)"
+    notes = [why]
+    if cache:
+        augment = cache_augment(augment)
+        notes.append("cache augmentation: batched tensor ops on the training stream (device-cache; "
+                     "--cache-augment dali runs DALI's operators instead)" if augment == "device" else
+                     "cache augmentation: DALI's operators, fed from the cache (dali-cache; "
+                     "--cache-augment device runs batched tensor ops instead)")
     common = dict(recipe=recipe, device=device, threads=threads, seed=seed, mean=mean, std=std, cache=cache,
-                  shard_id=shard_id, num_shards=num_shards)
+                  shard_id=shard_id, num_shards=num_shards, augment=augment)
     tell = (lambda split: (lambda path, reason: on_skip(split, path, reason))) if on_skip else (lambda split: None)
     train = dali_loader(data.train, True, start_epoch=start_epoch, start_step=start_step, on_skip=tell("train"),
                         **common)
     val = dali_loader(data.val, False, on_skip=tell("val"), **common)
-    return train, val, variant_name(device, cache), [why]
+    return train, val, variant_name(device, cache, augment), notes

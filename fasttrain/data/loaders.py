@@ -24,7 +24,8 @@ from fasttrain.recipes import Recipe
 class Loaders:
     train: Iterable
     val: Iterable
-    backend: str          # which loader made the batches: torch, dali, dali-cpu, dali-cache, synthetic
+    backend: str          # which loader made the batches: torch, dali, dali-cpu, dali-cache (the cache
+                          # through DALI's operators), device-cache (the cache, tensor ops), synthetic
     mean: tuple           # normalisation applied, [0, 1] units
     std: tuple
     notes: list = field(default_factory=list)  # decisions worth telling the user (cache, fallbacks)
@@ -51,7 +52,7 @@ def _dali_backend(data: DataSet, recipe: Recipe, device: torch.device, workers: 
     from fasttrain.data.dali_loader import dali_loaders
 
     return dali_loaders(data, recipe, device, workers, seed, mean, std, shard_id=shard_id, num_shards=num_shards,
-                        start_epoch=start_epoch, start_step=start_step, on_skip=on_skip)
+                        start_epoch=start_epoch, start_step=start_step, on_skip=on_skip, augment=recipe.cache_augment)
 
 
 # name -> factory(data, recipe, device, workers, seed, mean, std, start_epoch, start_step, shard_id, num_shards,

@@ -24,8 +24,10 @@ data = DataSet("cifar", "probe", [str(i) for i in range(n_train)],
                ArraySplit(rng.integers(0, 256, (n_train, 32, 32, 3), dtype=np.uint8), np.arange(n_train)),
                ArraySplit(rng.integers(0, 256, (n_val, 32, 32, 3), dtype=np.uint8), np.arange(n_val)))
 seen = {}
-for variant, loader, cache in (("torch", "torch", "none"), ("dali", "dali", "none"), ("dali-cache", "dali", "gpu")):
-    recipe = CNN_SEED.replace(loader=loader, batch_size=5, cache=cache)  # cache "gpu" is host memory on a CPU
+for variant, loader, cache, augment in (("torch", "torch", "none", "auto"), ("dali", "dali", "none", "auto"),
+                                        ("dali-cache", "dali", "gpu", "dali"), ("device-cache", "dali", "gpu", "device")):
+    # cache "gpu" is host memory on a CPU
+    recipe = CNN_SEED.replace(loader=loader, batch_size=5, cache=cache, cache_augment=augment)
     loaders = build_loaders(data, recipe, torch.device("cpu"), 0 if loader == "torch" else 1, seed=0,
                             shard_id=d.rank, num_shards=d.world_size)
     mine = {"train": [int(y) for _, labels in loaders.train for y in labels],
