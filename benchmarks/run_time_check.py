@@ -1,0 +1,78 @@
+"""Where a whole run's time goes on this machine, from the shipped command line (issue 10).
+
+Two checks, each a fresh `python -m fasttrain` process whose summary.json `time` is recorded:
+
+- outputs: the seed CNN (71 M parameters: 570 MB of weights and momentum per checkpoint), 3 epochs
+  of 48 synthetic images, a checkpoint every epoch. Issue 10's CPU target: `outputs_s` at most
+  0.5 s an epoch, and the parts adding up to the process's wall clock.
+- compile: the fast CNN recipe compiled (torch.compile, Inductor), 2 epochs, twice with one fresh
+  TORCHINDUCTOR_CACHE_DIR: the first run compiles cold, the second finds the first's kernels.
+
+    python -m benchmarks.run_time_check --out benchmarks/results/DATE-cpu-run-time [--device cpu]
+
+Writes run_time.json (commit, versions, device, each command and its summary's time parts) in OUT.
+On a shared CPU machine quote ratios from one run, not absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _run(argv: list[str], env: dict) -> dict:
+    """One fasttrain process; its summary's time parts, compile time and the process's own wall time."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run"
+        command = [sys.executable, "-m", "fasttrain", *argv, "--out", str(out)]
+        started = time.time()
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        elapsed = time.time() - started
+        if done.returncode != 0:
+            raise SystemExit(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr[-2000:]}")
+        summary = json.loads((out / "summary.json").read_text())
+    epochs = summary["epochs_completed"]
+    return {"command": "python -m fasttrain " + " ".join(argv), "process_s": round(elapsed, 3),
+            "time": summary["time"], "epochs": epochs,
+            "outputs_s_per_epoch": round(summary["time"]["outputs_s"] / epochs, 3),
+            "compile_time_s": round(summary["compile_time_s"], 3), "recompiles": summary["recompiles"],
+            "device": summary["device"], "versions": summary["versions"]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    common = ["--synthetic", "--device", args.device, "--loader", "torch", "--workers", "0"]
+    rows = {"outputs": _run(["cnn", "--recipe", "seed", *common, "--train-limit", "48", "--val-limit", "20",
+                             "--epochs", "3", "--save-every", "1"], dict(os.environ))}
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+        compiled = ["cnn", "--recipe", "fast", *common, "--compile", "--train-limit", "64", "--val-limit", "32",
+                    "--batch-size", "32", "--epochs", "2"]
+        rows["compile_cold"] = _run(compiled, env)
+        rows["compile_warm"] = _run(compiled, env)
+    rows["warm_over_cold"] = round(rows["compile_warm"]["compile_time_s"] / rows["compile_cold"]["compile_time_s"], 3)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "fasttrain"], capture_output=True, text=True).stdout
+    result = {"commit": commit + ("+uncommitted fasttrain/ changes" if dirty.strip() else ""), "cores": os.cpu_count(),
+              "date": time.strftime("%Y-%m-%d %H:%M:%S"), **rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "run_time.json").write_text(json.dumps(result, indent=2) + "\n")
+    for name in ("outputs", "compile_cold", "compile_warm"):
+        r = rows[name]
+        print(f"{name}: wall {r['time']['wall_s']:.1f}s (process {r['process_s']:.1f}s), outputs "
+              f"{r['outputs_s_per_epoch']:.2f}s/epoch, compile {r['compile_time_s']:.1f}s, recompiles {r['recompiles']}")
+    print(f"warm compile / cold compile: {rows['warm_over_cold']:.3f}; wrote {args.out / 'run_time.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
