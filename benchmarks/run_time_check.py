@@ -41,6 +41,9 @@ def _run(argv: list[str], env: dict) -> dict:
     return {"command": "python -m fasttrain " + " ".join(argv), "process_s": round(elapsed, 3),
             "time": summary["time"], "epochs": epochs,
             "outputs_s_per_epoch": round(summary["time"]["outputs_s"] / epochs, 3),
+            # the training thread blocked between epochs, without the wait at the end for the last write
+            "blocked_between_epochs_s_per_epoch": round((summary["time"]["outputs_s"] -
+                                                         summary["time"]["final_write_s"]) / epochs, 3),
             "compile_time_s": round(summary["compile_time_s"], 3), "recompiles": summary["recompiles"],
             "device": summary["device"], "versions": summary["versions"]}
 
@@ -69,7 +72,8 @@ def main() -> int:
     for name in ("outputs", "compile_cold", "compile_warm"):
         r = rows[name]
         print(f"{name}: wall {r['time']['wall_s']:.1f}s (process {r['process_s']:.1f}s), outputs "
-              f"{r['outputs_s_per_epoch']:.2f}s/epoch, compile {r['compile_time_s']:.1f}s, recompiles {r['recompiles']}")
+              f"{r['outputs_s_per_epoch']:.2f}s/epoch ({r['blocked_between_epochs_s_per_epoch']:.2f}s/epoch between "
+              f"epochs, {r['time']['final_write_s']:.2f}s waiting for the last write), compile {r['compile_time_s']:.1f}s, recompiles {r['recompiles']}")
     print(f"warm compile / cold compile: {rows['warm_over_cold']:.3f}; wrote {args.out / 'run_time.json'}")
     return 0
 

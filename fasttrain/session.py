@@ -92,6 +92,7 @@ class TrainingSession:
         self.reporter, self.stop_signal, self.writer = None, None, None
         self.clock_start = process_start_time()
         self.clock = dict.fromkeys(TIME_PARTS, 0.0)
+        self.final_write_s = 0.0  # of outputs_s: the wait after training for the last writes
         self.graphs: list[int] = []  # graphs Dynamo compiled in each epoch of this process
         self.dist = distributed.from_env()
         self.device = distributed.local_device(self.dist, dev.resolve_device(args.device))
@@ -261,6 +262,7 @@ class TrainingSession:
                 self.writer.checkpoint(self._checkpoint_state(last, 0), best=False)
             self.writer.flush()
             self.clock["outputs_s"] += time.perf_counter() - started
+            self.final_write_s = time.perf_counter() - started
             self._write_summary()  # with the time the last writes took
             self.writer.close()
         self.close()
@@ -382,12 +384,16 @@ class TrainingSession:
         batches; train_s the training steps (warm-up steps after compiling included); eval_s
         evaluation; outputs_s the time the training thread spent on checkpoints (their snapshot,
         or waiting for the previous one), metrics, plots and summaries; other_s the rest (the
-        progress display, loaders starting each epoch, closing).
+        progress display, loaders starting each epoch, closing). Not a part: final_write_s, the
+        share of outputs_s spent after training waiting for the last writes to reach the disk
+        (the final checkpoint, fsynced): bound by the disk, where the rest is the training
+        thread blocked between epochs.
         """
         clock = dict(self.clock)
         clock["wall_s"] = time.time() - self.clock_start
         clock["other_s"] = clock["wall_s"] - sum(clock[k] for k in TIME_PARTS if k != "other_s")
-        return {k: round(clock[k], 3) for k in ("wall_s", *TIME_PARTS)}
+        clock["final_write_s"] = self.final_write_s
+        return {k: round(clock[k], 3) for k in ("wall_s", *TIME_PARTS, "final_write_s")}
 
     def _write_summary(self) -> None:
         summary = self._summary()
