@@ -1,25 +1,71 @@
-"""Command line: `python -m fasttrain {cnn,resnet} [flags]`.
+"""Command line: `python -m fasttrain {cnn,resnet,predict,evaluate,preview,export} [flags]`.
 
 Flags override fields of the chosen recipe (dataclasses.replace); run options (data, device,
 output folder) are plain arguments. Bad input ends with one `error: ...` line and exit code 2.
+Parsing imports neither torch nor DALI nor matplotlib: `--help`, `--version` and a mistyped flag
+answer at once; each command imports what it needs when it runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-
-import torch
 from pathlib import Path
 
-
+from fasttrain import export
 from fasttrain.data.decode import DEFAULT_MAX_PIXELS
-from fasttrain.device import COMPILE_MODES
 from fasttrain.errors import RunError, UserError
-from fasttrain.recipes import Recipe, get_recipe, override
+from fasttrain.recipes import COMPILE_MODES, LOADER_CHOICES, RECIPES, Recipe, get_recipe, override
 
-RECIPE_FLAGS = ("epochs", "batch_size", "lr", "workers", "amp", "compile", "channels_last", "loader", "cache",
-                "weights", "compile_mode", "cache_augment")
+# recipe fields set by a flag of the same name (dashes for underscores); None: the flag was not given
+RECIPE_FLAGS = ("epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "warmup_epochs",
+                "warmup_start", "schedule", "label_smoothing", "dropout", "image_size", "crop_padding",
+                "eval_resize", "normalize", "lr_scaling", "workers", "amp", "compile", "compile_mode",
+                "channels_last", "loader", "cache", "cache_augment", "weights")
+
+DESCRIPTION = """\
+fasttrain: the fastest honest path from a folder of images to a trained CNN on one GPU.
+python -m fasttrain COMMAND --help lists each command's flags and their defaults."""
+
+# command -> one line for --help
+COMMANDS = {
+    "cnn": "train the seed report's CNN (32 px; CIFAR-100 by default, or your images)",
+    "resnet": "train ResNet-18 from ImageNet weights (224 px; CUB-200-2011 by default, or your images)",
+    "predict": "predict classes for images: a CSV ready for a Kaggle upload",
+    "evaluate": "top-1/top-5, per-class accuracy and a confusion matrix for a checkpoint",
+    "preview": "draw one batch after augmentation, as the model sees it",
+    "export": "write a checkpoint as an ONNX model that takes raw images, checked with onnxruntime",
+}
+
+
+def versions_line() -> str:
+    """fasttrain's version and those of Python, torch, torchvision and DALI, from the installed
+    packages' metadata (importlib.metadata: nothing is imported)."""
+    import importlib.metadata
+    import platform
+
+    def version(*dists: str) -> str | None:
+        for dist in dists:
+            try:
+                return importlib.metadata.version(dist)
+            except importlib.metadata.PackageNotFoundError:
+                pass
+        return None
+
+    from fasttrain import __version__
+
+    parts = [f"fasttrain {__version__}", f"Python {platform.python_version()}"]
+    for name, dists in (("torch", ("torch",)), ("torchvision", ("torchvision",)),
+                        ("DALI", ("nvidia-dali-cuda130", "nvidia-dali-cuda120"))):
+        found = version(*dists)
+        parts.append(f"{name} {found}" if found else f"{name} not installed")
+    return ", ".join(parts)
+
+
+class _Version(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(versions_line())
+        parser.exit(0)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -48,6 +94,20 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _fraction_or_zero(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
+    return value
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0 < value < 1:
@@ -56,16 +116,69 @@ def _fraction(text: str) -> float:
 
 
 for _f, _name in ((_positive_int, "positive integer"), (_non_negative_int, "integer"),
-                  (_positive_float, "number"), (_fraction, "fraction")):
+                  (_positive_float, "number"), (_fraction, "fraction"), (_non_negative_float, "number"),
+                  (_fraction_or_zero, "fraction")):
     _f.__name__ = _name  # argparse names the type in "invalid <name> value" messages
 
 
-def _add_train_flags(p: argparse.ArgumentParser, model: str) -> None:
-    from fasttrain.data import backend_names
+def _shown(value) -> str:
+    if isinstance(value, bool) or value is None:
+        return {True: "on", False: "off", None: "auto"}[value]
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
+
+def _defaults(model: str, field: str) -> str:
+    """' (fast: X; seed: Y)': the field's value in the model's recipes, for --help. ResNet's
+    recipes differ with --finetune, and both values are shown where they do."""
+    def value(name: str) -> str:
+        frozen, tuned = RECIPES[(model, name, model == "cnn")], RECIPES[(model, name, True)]
+        a, b = _shown(getattr(frozen, field)), _shown(getattr(tuned, field))
+        return a if a == b else f"{a}, {b} with --finetune"
+    return f" (fast: {value('fast')}; seed: {value('seed')})"
+
+
+def _recipe_flags(p: argparse.ArgumentParser, model: str) -> None:
+    """One flag per recipe field (RECIPE_FLAGS); each help shows the field in the fast and seed recipes."""
     flag = argparse.BooleanOptionalAction
-    p.add_argument("--recipe", choices=["fast", "seed"], default="fast",
-                   help="fast: tuned for throughput (default); seed: the report's setup exactly")
+    d = lambda field: _defaults(model, field)  # noqa: E731
+    p.add_argument("--epochs", type=_positive_int, help="passes over the training set" + d("epochs"))
+    p.add_argument("--batch-size", type=_positive_int, help="images per step, per GPU" + d("batch_size"))
+    p.add_argument("--lr", type=_positive_float,
+                   help="peak learning rate; without it a --batch-size of your own scales it by the recipe's "
+                        "--lr-scaling rule" + d("lr"))
+    p.add_argument("--momentum", type=_fraction_or_zero, help="SGD momentum" + d("momentum"))
+    p.add_argument("--nesterov", action=flag, help="Nesterov momentum" + d("nesterov"))
+    p.add_argument("--weight-decay", type=_non_negative_float, help="SGD's L2 penalty" + d("weight_decay"))
+    p.add_argument("--warmup-epochs", type=_non_negative_float,
+                   help="linear warm-up of the lr, in epochs" + d("warmup_epochs"))
+    p.add_argument("--warmup-start", type=_fraction_or_zero,
+                   help="warm-up starts at this fraction of the lr" + d("warmup_start"))
+    p.add_argument("--schedule", choices=["constant", "cosine"], help="lr after warm-up" + d("schedule"))
+    p.add_argument("--label-smoothing", type=_fraction_or_zero,
+                   help="CrossEntropyLoss label smoothing" + d("label_smoothing"))
+    p.add_argument("--lr-scaling", choices=["linear", "none"],
+                   help="lr for a --batch-size of your own: linear (lr x batch / recipe batch) or none"
+                        + d("lr_scaling"))
+    p.add_argument("--normalize", choices=["dataset", "imagenet"],
+                   help="per-channel mean/std: the training set's or ImageNet's" + d("normalize"))
+    if model == "cnn":
+        p.add_argument("--dropout", type=_fraction_or_zero, help="dropout before the first linear layer"
+                       + d("dropout"))
+        p.add_argument("--crop-padding", type=_non_negative_int,
+                       help="zero pixels padded before the random 32 px crop" + d("crop_padding"))
+    else:
+        p.add_argument("--image-size", type=_positive_int, help="side of the training and evaluation crop, px"
+                       + d("image_size"))
+        p.add_argument("--eval-resize", type=_positive_int,
+                       help="evaluation: shorter side before the centre crop, px" + d("eval_resize"))
+
+
+def _add_train_flags(p: argparse.ArgumentParser, model: str) -> None:
+    flag = argparse.BooleanOptionalAction
+    p.add_argument("--recipe", default="fast", metavar="{fast,seed,PATH}",
+                   help="fast: tuned for throughput (default); seed: the report's setup exactly; or a recipe "
+                        "file an earlier run wrote (RUN/recipe.json, RUN/summary.json) or a TOML/JSON file of "
+                        "the same fields")
     p.add_argument("--data", type=Path, help="data folder (default: $FASTTRAIN_DATA, else ./data)")
     _add_download(p, model)
     p.add_argument("--synthetic", action="store_true", help="random data of the recipe's shape; no files needed")
@@ -74,26 +187,28 @@ def _add_train_flags(p: argparse.ArgumentParser, model: str) -> None:
     p.add_argument("--val-limit", type=_positive_int, metavar="N", help="use at most N validation images")
     p.add_argument("--val-fraction", type=_fraction, default=0.1,
                    help="share of each class held out when a folder has no val/ or test/ (default 0.1)")
-    p.add_argument("--loader", choices=backend_names(), help="input pipeline (default: the fastest available)")
+    p.add_argument("--loader", choices=LOADER_CHOICES,
+                   help="input pipeline; auto: DALI when it imports, else the DataLoader" + _defaults(model, "loader"))
     p.add_argument("--cache", choices=["auto", "gpu", "none"],
-                   help="DALI: decode the data set once and keep it on the GPU (auto: when it fits)")
+                   help="DALI: decode the data set once and keep it on the GPU (auto: when it fits)"
+                        + _defaults(model, "cache"))
     p.add_argument("--cache-augment", choices=["auto", "device", "dali"],
                    help="with the cache: augment with batched tensor ops on the device (device) or with DALI's "
                         "operators (dali); auto: $FASTTRAIN_CACHE_AUGMENT, else device")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
-    p.add_argument("--epochs", type=_positive_int)
-    p.add_argument("--batch-size", type=_positive_int)
-    p.add_argument("--lr", type=_positive_float, help="peak learning rate")
-    p.add_argument("--workers", type=_non_negative_int, help="DataLoader processes (default: one per core)")
-    p.add_argument("--amp", action=flag, help="mixed precision: bf16 where supported, else fp16 (default: on CUDA)")
-    p.add_argument("--compile", action=flag,
-                   help="torch.compile the training step: model and loss, with fused SGD (default: on CUDA)")
+    _recipe_flags(p, model)
+    p.add_argument("--workers", type=_non_negative_int,
+                   help="DataLoader processes / DALI threads (default: one per core)")
+    p.add_argument("--amp", action=flag, help="mixed precision: bf16 where supported, else fp16"
+                   + _defaults(model, "amp").replace("auto", "on CUDA"))
+    p.add_argument("--compile", action=flag, help="torch.compile the training step: model and loss, with fused SGD"
+                   + _defaults(model, "compile").replace("auto", "on CUDA"))
     p.add_argument("--compile-mode", choices=COMPILE_MODES,
-                   help="torch.compile mode (default: default; reduce-overhead replays CUDA graphs)")
+                   help="torch.compile mode; reduce-overhead replays CUDA graphs" + _defaults(model, "compile_mode"))
     p.add_argument("--save-every", type=_non_negative_int, default=1, metavar="N",
                    help="write last.pt every N epochs, in the background (default 1; 0: only at the end and "
                         "on Ctrl-C/SIGTERM)")
-    p.add_argument("--channels-last", action=flag, help="NHWC memory format")
+    p.add_argument("--channels-last", action=flag, help="NHWC memory format" + _defaults(model, "channels_last"))
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--out", type=Path, help="run folder (default runs/<model>-<timestamp>)")
     p.add_argument("--resume", action="store_true",
@@ -102,6 +217,9 @@ def _add_train_flags(p: argparse.ArgumentParser, model: str) -> None:
     p.add_argument("--allow-changes", action="store_true",
                    help="with --resume: accept flags that change the data, the batch or the optimisation "
                         "(a new batch only at an epoch boundary)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard event files to RUN/tensorboard (pip install tensorboard; "
+                        "view with: tensorboard --logdir RUN)")
     p.add_argument("--summary", action="store_true", help="print the layers and parameter counts, then exit")
     p.add_argument("--strict", action="store_true",
                    help="decode every image file fully before training and refuse damaged ones (exit 2) "
@@ -110,9 +228,11 @@ def _add_train_flags(p: argparse.ArgumentParser, model: str) -> None:
     p.add_argument("--sync-bn", action=flag, default=False,
                    help="under torchrun: BatchNorm statistics over the global batch (default: per process)")
     if model == "resnet":
-        p.add_argument("--finetune", action=flag, default=False,
-                       help="train every layer (default: only the new head, backbone frozen)")
-        p.add_argument("--weights", help="imagenet (default; torchvision's cache), none, or PATH to a state dict")
+        p.add_argument("--finetune", action=flag,
+                       help="train every layer (default: only the new head, backbone frozen; a --recipe file "
+                            "says itself)")
+        p.add_argument("--weights", help="imagenet (torchvision's weights and cache), none, or PATH to a state dict"
+                       + _defaults(model, "weights"))
 
 
 def _add_download(p: argparse.ArgumentParser, model: str | None) -> None:
@@ -137,29 +257,30 @@ def _add_max_pixels(p: argparse.ArgumentParser) -> None:
 
 
 def _add_inference_flags(p: argparse.ArgumentParser) -> None:
-    from fasttrain.data import backend_names
-
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
-    p.add_argument("--batch-size", type=_positive_int, default=256)
-    p.add_argument("--workers", type=_non_negative_int, help="DataLoader processes / DALI threads")
-    p.add_argument("--loader", choices=backend_names(), default="auto")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--batch-size", type=_positive_int, default=256, help="images per batch (default 256)")
+    p.add_argument("--workers", type=_non_negative_int,
+                   help="DataLoader processes / DALI threads (default: one per core)")
+    p.add_argument("--loader", choices=LOADER_CHOICES, default="auto",
+                   help="auto (default): DALI when it imports, else the DataLoader")
     _add_max_pixels(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fasttrain", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{cnn,resnet,predict,evaluate,preview}")
-    _add_train_flags(sub.add_parser("cnn", help="the seed report's CNN on CIFAR-100 (32 px)"), "cnn")
-    _add_train_flags(sub.add_parser("resnet", help="ResNet-18 from ImageNet weights on CUB-200 (224 px)"),
-                     "resnet")
-    p = sub.add_parser("predict", help="predict classes for images: a CSV ready for a Kaggle upload")
+    parser = _Parser(prog="fasttrain", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action=_Version, nargs=0,
+                        help="print the versions of fasttrain, Python, torch, torchvision and DALI, then exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
+    for model in ("cnn", "resnet"):
+        _add_train_flags(sub.add_parser(model, help=COMMANDS[model], description=COMMANDS[model]), model)
+    p = sub.add_parser("predict", help=COMMANDS["predict"], description=COMMANDS["predict"])
     p.add_argument("--checkpoint", type=Path, required=True, help="a run's best.pt or last.pt")
     p.add_argument("--data", type=Path, required=True, help="a folder of images (searched recursively) or a CIFAR pickle")
     p.add_argument("--out", type=Path, default=Path("predictions.csv"), help="the CSV to write (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (default: refuse)")
     p.add_argument("--top-k", type=_positive_int, default=1, help="add the k best classes with probabilities")
     _add_inference_flags(p)
-    p = sub.add_parser("evaluate", help="top-1/top-5 and per-class accuracy, confusion matrix")
+    p = sub.add_parser("evaluate", help=COMMANDS["evaluate"], description=COMMANDS["evaluate"])
     p.add_argument("--checkpoint", type=Path, required=True, help="a run's best.pt or last.pt")
     p.add_argument("--data", type=Path, help="data set folder, as for training; its val/test split is evaluated")
     _add_download(p, None)
@@ -172,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier evaluation in --out (default: refuse)")
     _add_inference_flags(p)
-    p = sub.add_parser("preview", help="draw one batch after augmentation, as the model sees it")
+    p = sub.add_parser("preview", help=COMMANDS["preview"], description=COMMANDS["preview"])
     p.add_argument("model", choices=["cnn", "resnet"])
     p.add_argument("--data", type=Path, help="data folder (default: $FASTTRAIN_DATA, else ./data)")
     _add_download(p, None)
@@ -190,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--device", default="auto")
     p.add_argument("--val-fraction", type=_fraction, default=0.1)
+    export.add_parser(sub, COMMANDS["export"])
     return parser
 
 
@@ -207,7 +329,10 @@ def print_summary(model_name: str, recipe: Recipe, num_classes: int) -> None:
     size = INPUT_SIZE[model_name]
     stats = torchinfo.summary(model, input_size=(2, 3, size, size), col_names=("output_size", "num_params"),
                               depth=4, mode="eval", verbose=0, device="cpu")
-    print(stats)  # ends with the total, trainable and non-trainable parameter counts
+    # torchinfo's own line reads "Total mult-adds (Units.GIGABYTES)" and counts the whole batch of 2
+    macs = stats.total_mult_adds / 2
+    print("\n".join(f"Forward pass per image: {macs / 1e9:.3f} G multiply-adds = {2 * macs / 1e9:.2f} GFLOPs"
+                     if line.startswith("Total mult-adds") else line for line in str(stats).splitlines()))
     if model_name == "resnet":
         print(f"ResNet-18, {'fine-tuned' if recipe.finetune else 'frozen backbone, head only'}, {num_classes} classes")
 
@@ -215,8 +340,9 @@ def print_summary(model_name: str, recipe: Recipe, num_classes: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command in ("preview", "predict", "evaluate"):
-            return {"preview": run_preview, "predict": run_predict, "evaluate": run_evaluate}[args.command](args)
+        if args.command in ("preview", "predict", "evaluate", "export"):
+            return {"preview": run_preview, "predict": run_predict, "evaluate": run_evaluate,
+                    "export": export.run}[args.command](args)
         return run_train(args, argv if argv is not None else sys.argv[1:])
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -224,7 +350,11 @@ def main(argv: list[str] | None = None) -> int:
     except RunError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except torch.distributed.DistError as exc:
+    except Exception as exc:
+        # a lost torchrun peer; torch is loaded by then (checked without importing it for --help)
+        dist_error = getattr(getattr(sys.modules.get("torch"), "distributed", None), "DistError", None)
+        if dist_error is None or not isinstance(exc, dist_error):
+            raise
         from fasttrain.distributed import lost_rank_error
         print(f"error: {lost_rank_error(exc)}", file=sys.stderr)
         return 1
@@ -280,11 +410,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
                       "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%")
     console = Console()
     console.print(table)
-    console.print(f"{result['data']}\ntop-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
-                  f"on {result['images']} images" + (f" ({len(result['skipped'])} file{'s' if len(result['skipped']) > 1 else ''} not scored)" if result["skipped"]
-                                                     else "") +
-                  f"; wrote {args.out}/metrics.json, per_class.csv, confusion.png",
-                  highlight=False)
+    # short lines: a log at 80 columns shows each whole
+    skipped = len(result["skipped"])
+    not_scored = f" ({skipped} file{'s' if skipped > 1 else ''} not scored)" if skipped else ""
+    print(result["data"])
+    print(f"top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  on {result['images']} images"
+          + not_scored)
+    print(f"wrote {shown(args.out)}: metrics.json, per_class.csv, confusion.csv, confusion.png")
     return 0
 
 
@@ -298,10 +430,28 @@ def run_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def base_recipe(args: argparse.Namespace) -> Recipe:
+    """The recipe the flags apply to: --recipe fast|seed for the command's model (and --finetune),
+    or a recipe file (fasttrain.recipes.read_recipe_file), whose finetune --finetune may change.
+    Raises UserError for a file of the other model."""
+    finetune = getattr(args, "finetune", None)
+    if args.recipe in ("fast", "seed"):
+        return get_recipe(args.command, args.recipe, bool(finetune))
+    from fasttrain.recipes import read_recipe_file
+
+    recipe = read_recipe_file(Path(args.recipe))
+    if recipe.model != args.command:
+        raise UserError(f"--recipe {args.recipe}: a {recipe.model} recipe; run it with python -m fasttrain "
+                        f"{recipe.model} --recipe {args.recipe}")
+    return recipe if finetune is None else recipe.replace(finetune=finetune)
+
+
 def run_train(args: argparse.Namespace, argv: list[str]) -> int:
     from fasttrain.models import DEFAULT_CLASSES
 
-    recipe = override(get_recipe(args.command, args.recipe, getattr(args, "finetune", False)), recipe_overrides(args))
+    base = base_recipe(args)
+    recipe = override(base, recipe_overrides(args))
+    args.recipe_base = base  # what a --batch-size of the user's own is scaled from
     if args.summary:
         print_summary(args.command, recipe, args.num_classes or DEFAULT_CLASSES[args.command])
         return 0

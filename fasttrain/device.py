@@ -80,8 +80,6 @@ def prepare_model(model: nn.Module, device: torch.device, channels_last: bool) -
     return model.to(device=device, memory_format=memory_format)
 
 
-COMPILE_MODES = ("default", "max-autotune", "reduce-overhead")
-
 
 def compiler(enabled: bool, mode: str = "default"):
     """torch.compile with static shapes (the loaders guarantee fixed batch shapes), or None when off.

@@ -110,7 +110,8 @@ def checked_out(out: Path, overwrite: bool, results: tuple[str, ...] | None = No
     folder that will hold those files) must be writable, and earlier results are kept unless
     `overwrite`. The folder is made and a probe file written and removed in it (os.access says yes to
     root and knows nothing of read-only mounts); folders made here are removed again if the body
-    fails before writing into them."""
+    fails before writing into them. Raises UserError (one line) for output that exists without
+    `overwrite`, a folder where a file is meant, or a place that cannot be written."""
     folder = out if results is not None else out.parent
     if results is None and out.is_dir():
         raise UserError(f"--out {shown(out)}: a folder; name the file to write")
@@ -247,13 +248,23 @@ def _evaluate(checkpoint: Path, data: Path | None, out: Path, device_name_: str,
         atomic_write(out / "metrics.json", lambda f: f.write(json.dumps(result, indent=2)), mode="w")
         atomic_write(out / "per_class.csv", lambda f: _per_class_csv(f, per_class), mode="w", newline="",
                      encoding="utf-8", errors="surrogateescape")
-        atomic_write(out / "confusion.csv", lambda f: np.savetxt(f, confusion, fmt="%d", delimiter=","), mode="w")
+        atomic_write(out / "confusion.csv", lambda f: _confusion_csv(f, confusion, trained.classes), mode="w",
+                     newline="", encoding="utf-8", errors="surrogateescape")
         plot_confusion(confusion, trained.classes, out / "confusion.png",
                        f"{trained.model_name} on {dataset.layout}: top-1 {100 * result['top1']:.2f}%")
     except OSError as exc:
         raise UserError(f"--out {out}: cannot write there ({exc.strerror})") from None
     result["per_class"] = per_class
     return result
+
+
+def _confusion_csv(f, confusion: np.ndarray, classes: list[str]) -> None:
+    """confusion.csv: a header `true \\ predicted,<class>,...`, then one row per true class: its
+    name, then how many of its images were predicted as each class (counts, not shares)."""
+    writer = csv.writer(f)
+    writer.writerow(["true \\ predicted", *classes])
+    for name, row in zip(classes, confusion):
+        writer.writerow([name, *(int(n) for n in row)])
 
 
 def _per_class_csv(f, per_class: list[dict]) -> None:

@@ -160,9 +160,13 @@ class RunDir:
         with _writing("summary.json", self.path):
             atomic_write(self.summary, lambda f: json.dump(summary, f, indent=2), "w")
 
-    def save_checkpoint(self, state: dict, best: bool) -> None:
+    def save_checkpoint(self, state: dict, best: bool, saved: Callable[[], None] | None = None) -> None:
+        """last.pt (and best.pt, a hard link to it, when `best`), atomically; saved() is called as soon
+        as last.pt holds `state`. Raises UserError for a failed write, the previous file intact."""
         with _writing("checkpoint", self.path):
             atomic_write(self.last, lambda f: torch.save(state, f))
+            if saved is not None:
+                saved()
             if best:
                 self._link_best()
 
@@ -242,12 +246,12 @@ class RunWriter:
             if job is None:
                 return
             try:
-                if self._error is None and not self._abandoned:
-                    if done is None:
-                        with self._lock:
+                if done is None:
+                    with self._lock:  # checked inside: abandon() then waits for this job, or it never runs
+                        if self._error is None and not self._abandoned:
                             job()
-                    else:
-                        job()
+                elif self._error is None and not self._abandoned:
+                    job()
             except BaseException as exc:  # reported on the training thread
                 self._error = exc
             finally:
@@ -275,9 +279,11 @@ class RunWriter:
         snapshot = self._snapshot(state)
         self.blocked_s += time.perf_counter() - started
         self._checkpoint_done.clear()
-        def write() -> None:
-            self.run_dir.save_checkpoint(snapshot, best)
+        def saved() -> None:  # last.pt holds this snapshot from now on
             self.written = (snapshot.get("epoch"), snapshot.get("step", 0))
+
+        def write() -> None:
+            self.run_dir.save_checkpoint(snapshot, best, saved=saved)
 
         self._jobs.put((write, self._checkpoint_done))
 
@@ -314,6 +320,11 @@ class RunWriter:
         if not prefix and torch.cuda.is_available() and any(b.is_pinned() for b in self._buffers.values()):
             torch.cuda.synchronize()  # the pinned copies are complete before the writer reads them
         return out
+
+    @property
+    def writing(self) -> bool:
+        """A checkpoint write is in progress."""
+        return not self._checkpoint_done.is_set()
 
     def abandon(self) -> None:
         """Run no job not started yet (the process is stopping at once); wait for a small job in

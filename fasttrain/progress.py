@@ -116,6 +116,17 @@ class RichReporter:
         self.live.stop()
 
 
+class Both:
+    """One step observer that passes each call on to two (the display and the TensorBoard log)."""
+
+    def __init__(self, first, second):
+        self.first, self.second = first, second
+
+    def step(self, done: int, loss: float | None = None, images_per_sec: float | None = None) -> None:
+        self.first.step(done, loss, images_per_sec)
+        self.second.step(done, loss, images_per_sec)
+
+
 def make_reporter():
     console = Console()
     return RichReporter(console) if console.is_terminal else PlainReporter()

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
+COMPILE_MODES = ("default", "max-autotune", "reduce-overhead")  # torch.compile's modes
+LOADER_CHOICES = ("auto", "torch", "dali")  # fasttrain/data/loaders.py BACKENDS, and auto
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's ImageNet weights were trained with these
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -162,6 +165,53 @@ def override(recipe: Recipe, changes: dict) -> Recipe:
 
 
 def recipe_from_dict(fields: dict) -> Recipe:
-    """Rebuild a recipe saved in a checkpoint or summary.json (older ones lack newer fields: defaults)."""
+    """Rebuild a recipe saved in a checkpoint or summary.json. Fields an older one lacks take the
+    values of the recipe it was (its model, name and finetune), so a seed run saved before
+    `lr_scaling` existed keeps the seed's rule; unknown fields are dropped."""
     known = {f.name for f in dataclasses.fields(Recipe)}
-    return Recipe(**{k: v for k, v in fields.items() if k in known})
+    kept = {k: v for k, v in fields.items() if k in known}
+    if known - set(kept) and fields.get("model") in ("cnn", "resnet") and fields.get("name") in ("fast", "seed"):
+        return dataclasses.replace(get_recipe(fields["model"], fields["name"], fields.get("finetune", False)), **kept)
+    return Recipe(**kept)
+
+
+def read_recipe_file(path: Path) -> Recipe:
+    """A recipe saved by an earlier run: RUN/recipe.json, RUN/summary.json (its "recipe"), or a TOML
+    or JSON file of the same fields (a TOML file may hold them at the top or under [recipe]).
+
+    Fields missing from an older file take the defaults of the named recipe; unknown fields are
+    refused. Raises UserError (one line) for a file that cannot be read or is not a recipe.
+    """
+    import json
+
+    from fasttrain.errors import UserError
+
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"--recipe {path}: cannot read it ({exc.strerror})") from None
+    try:
+        if path.suffix.lower() == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+            fields = tomllib.loads(text.decode("utf-8"))
+        else:
+            fields = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"--recipe {path}: not a TOML or JSON recipe ({str(exc).splitlines()[0]})") from None
+    if isinstance(fields, dict) and isinstance(fields.get("recipe"), dict):
+        fields = fields["recipe"]  # summary.json, or [recipe] in TOML
+    if not isinstance(fields, dict) or fields.get("model") not in ("cnn", "resnet"):
+        raise UserError(f"--recipe {path}: no recipe in it (a recipe has a model field, cnn or resnet)")
+    known = {f.name for f in dataclasses.fields(Recipe)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise UserError(f"--recipe {path}: unknown field{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}")
+    base = get_recipe(fields["model"], fields.get("name", "fast"), fields.get("finetune", False)) \
+        if fields.get("name", "fast") in ("fast", "seed") else get_recipe(fields["model"], "fast")
+    try:
+        return dataclasses.replace(base, **fields)
+    except TypeError as exc:
+        raise UserError(f"--recipe {path}: {exc}") from None

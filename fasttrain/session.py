@@ -5,7 +5,8 @@ compiled step; `fasttrain.train.fit` runs the epochs (a batch is made in the loa
 in `TrainStep`); the run folder's `RunWriter` (fasttrain/outputs.py) writes checkpoints, metrics,
 plots and summary.json on its own thread; `fasttrain.progress` prints. This module connects
 them: it decides the run folder and the checkpoint to resume from, keeps the time accounts,
-turns Ctrl-C/SIGTERM into a saved stop, and composes what each epoch's outputs say.
+turns Ctrl-C/SIGTERM into a saved stop, and composes what each epoch's outputs say. With
+--tensorboard, `fasttrain.tensorboard` gets the same numbers as the display, on the main rank.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from fasttrain import distributed
 from fasttrain.data.index import shown
 from fasttrain.errors import RunError, UserError
 from fasttrain.outputs import RunDir, RunWriter, load_checkpoint
-from fasttrain.progress import SilentReporter, make_reporter
+from fasttrain.progress import Both, SilentReporter, make_reporter
 from fasttrain.recipes import Recipe, get_recipe
 from fasttrain.setup import RunSetup, resume_settings, rng_state, run_record, scale_lr, set_up
 from fasttrain.train import EpochRecord, Interrupted, NonFiniteLoss, fit
@@ -86,10 +87,13 @@ def flags_given(argv: list[str]) -> set[str]:
 
 class TrainingSession:
     def __init__(self, args: argparse.Namespace, recipe: Recipe, overrides: dict, argv: list[str]):
+        if args.tensorboard:  # refused before anything is read or created, on every rank alike
+            from fasttrain.tensorboard import summary_writer_class
+            summary_writer_class()
         self.args, self.argv, self.versions = args, list(argv), versions()
         self.command = shlex.join(["python", "-m", "fasttrain", *argv])
         self.overrides, self.notes, self.skipped = overrides, [], []
-        self.reporter, self.stop_signal, self.writer = None, None, None
+        self.reporter, self.stop_signal, self.writer, self.tensorboard = None, None, None, None
         self.clock_start = process_start_time()
         self.clock = dict.fromkeys(TIME_PARTS, 0.0)
         self.final_write_s = 0.0  # of outputs_s: the wait after training for the last writes
@@ -204,7 +208,8 @@ class TrainingSession:
         if written is not None:
             epoch, step = written
             at = f"epoch {epoch + 1}, step {step}" if step else f"the end of epoch {epoch}"
-            return f"stopped at once; {last} holds the state at {at} (a write in progress was abandoned)"
+            dropped = " (a newer write in progress was abandoned)" if self.writer.writing else ""
+            return f"stopped at once; {last} holds the state at {at}{dropped}"
         if self.checkpoint is not None:
             return f"stopped at once; {last} still holds the state this run resumed from"
         return "stopped at once, before any checkpoint was written: nothing was saved"
@@ -225,6 +230,7 @@ class TrainingSession:
             self.rows = self.run_dir.keep_metrics_through(ck["epoch"])
         self.writer = RunWriter(self.run_dir) if self.dist.is_main else None
         self.reporter = make_reporter() if self.dist.is_main else SilentReporter()
+        train_loader = self._start_tensorboard() if self.args.tensorboard and self.dist.is_main else setup.loaders.train
         self._announce(start_epoch, start_step)
         self.started = time.perf_counter()
         self.clock["startup_s"] = time.time() - self.clock_start
@@ -235,9 +241,9 @@ class TrainingSession:
         steps = setup.steps_per_epoch
         with self._signals():
             try:
-                fit(setup.step, setup.parallel, setup.eval_model, setup.loaders.train, setup.loaders.val,
+                fit(setup.step, setup.parallel, setup.eval_model, train_loader, setup.loaders.val,
                     setup.precision, setup.device, recipe.epochs, start_epoch, start_step, compiled=setup.compiled,
-                    observer_for=lambda epoch: self.reporter.start_epoch(epoch, recipe.epochs, steps),
+                    observer_for=lambda epoch: self._observer(epoch, recipe.epochs, steps),
                     on_epoch_end=self._epoch_end, should_stop=self._should_stop, nonfinite_patience=patience,
                     tally_compiler=setup.compiler)
             except Interrupted as stop:
@@ -261,6 +267,7 @@ class TrainingSession:
             if last != recipe.epochs:  # the end is always saved (_epoch_end saved the last epoch already)
                 self.writer.checkpoint(self._checkpoint_state(last, 0), best=False)
             self.writer.flush()
+            self._close_tensorboard()
             self.clock["outputs_s"] += time.perf_counter() - started
             self.final_write_s = time.perf_counter() - started
             self._write_summary()  # with the time the last writes took
@@ -269,6 +276,30 @@ class TrainingSession:
         if self.dist.is_main:
             self._farewell()
         return 0
+
+    def _start_tensorboard(self):
+        """RUN/tensorboard's log, continuing at the global step this run starts from, with the recipe
+        written; returns the training loader fit should use (the same batches, the first one kept)."""
+        from fasttrain.tensorboard import TensorBoardLog
+
+        setup, steps = self.setup, self.setup.steps_per_epoch
+        optimizer = setup.optimizer
+        self.tensorboard = log = TensorBoardLog(self.run_dir.path, steps,
+                                                (setup.start_epoch - 1) * steps + setup.start_step,
+                                                lr_of=lambda: optimizer.param_groups[0]["lr"])
+        log.recipe(dataclasses.asdict(self.recipe), self.command,
+                   {"data": self.data.describe(), "device": dev.device_name(self.device),
+                    "precision": self.precision.name, "compiled": self.compile, "loader": self.loaders.backend})
+        return log.tap(setup.loaders.train, self.loaders.mean, self.loaders.std)
+
+    def _observer(self, epoch: int, epochs: int, steps: int):
+        shown = self.reporter.start_epoch(epoch, epochs, steps)
+        return shown if self.tensorboard is None else Both(shown, self.tensorboard.start_epoch(epoch))
+
+    def _close_tensorboard(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
 
     def _should_stop(self, step: int) -> bool:
         """A signal stops the run after the current step; under torchrun every rank agrees at the
@@ -304,6 +335,8 @@ class TrainingSession:
     def _stopped(self, epoch: int, steps: int) -> int:
         """Save the state after the last whole step of `epoch`, wait for every write, say how to resume."""
         self.status = "interrupted"
+        if self.tensorboard is not None:
+            self.tensorboard.write_first_batch()  # if no epoch ended: read between steps, training is over
         self.close()
         if not self.dist.is_main:
             return 128 + (self.stop_signal or signal.SIGTERM)
@@ -356,6 +389,8 @@ class TrainingSession:
             return
         started = time.perf_counter()
         self.reporter.end_epoch(row)
+        if self.tensorboard is not None:
+            self.tensorboard.end_epoch(row)
         every = self.args.save_every
         save = bool(every and record.epoch % every == 0) or record.epoch == self.recipe.epochs
         title = (f"{self.args.command}, recipe {self.recipe.name}, {dev.device_name(self.device)}" +
@@ -455,9 +490,16 @@ class TrainingSession:
               f"other {t['other_s']:.1f}s")
 
     def close(self) -> None:
+        """End the display, TensorBoard and torchrun's process group, and release the loaders'
+        pipelines now: the program exits without a final garbage collection (fasttrain/program.py),
+        so nothing that holds threads or device memory is left to it."""
+        self._close_tensorboard()
         if self.reporter is not None:
             self.reporter.close()
             self.reporter = None
+        if self.setup is not None:
+            for loader in (self.setup.loaders.train, self.setup.loaders.val):
+                getattr(loader, "close", lambda: None)()
         distributed.shutdown()
 
 

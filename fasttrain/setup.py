@@ -66,6 +66,7 @@ class RunSetup:
 
     @property
     def steps_per_epoch(self) -> int:
+        """Optimizer steps in one training epoch of this process (whole batches only)."""
         return len(self.loaders.train)
 
 
@@ -106,7 +107,7 @@ def _tuple_state(obj):
 RUN_FIELDS = ("data", "synthetic", "num_classes", "train_limit", "val_limit", "val_fraction", "seed",
               "max_image_pixels", "strict", "sync_bn")
 # recipe fields a resumed run may change freely: they change how fast it trains, not what
-FREE_ON_RESUME = ("epochs", "workers", "compile", "compile_mode")
+FREE_ON_RESUME = ("epochs", "workers", "compile", "compile_mode", "channels_last", "cache_augment")
 FLAG = {"data": "--data", "synthetic": "--synthetic", "num_classes": "--num-classes", "train_limit": "--train-limit",
         "val_limit": "--val-limit", "val_fraction": "--val-fraction", "seed": "--seed",
         "max_image_pixels": "--max-image-pixels", "strict": "--strict", "sync_bn": "--sync-bn"}
@@ -159,7 +160,7 @@ def resume_settings(checkpoint: dict, args: argparse.Namespace, given: set[str],
     change in the middle of an epoch, and any refused change.
     """
     last = where / "last.pt"
-    held = checkpoint.get("model_name", command)
+    held = checkpoint.get("model_name") or checkpoint["recipe"].get("model", command)
     if held != command:
         raise UserError(f"{last} holds a {held} run, not {command}: resume it with "
                         f"python -m fasttrain {held} --out {where} --resume")
@@ -200,10 +201,13 @@ def resume_settings(checkpoint: dict, args: argparse.Namespace, given: set[str],
         recipe, note = scale_lr(recipe, saved.batch_size, saved.lr)
         notes += [note] if note else []
     done, step = checkpoint["epoch"], checkpoint.get("step", 0)
-    if recipe.batch_size != saved.batch_size and step:
-        raise UserError(f"--batch-size {recipe.batch_size}: {last} was saved in the middle of epoch {done + 1} "
-                        f"(step {step} of batch {saved.batch_size}); a new batch size can start only at an epoch "
-                        f"boundary: resume with batch {saved.batch_size}")
+    if changed and step:
+        raise UserError(f"{'; '.join(changed)}: {last} was saved in the middle of epoch {done + 1} (step {step} of "
+                        f"batch {saved.batch_size}); changes can start only at an epoch boundary: resume without "
+                        f"them")
+    if recipe.epochs != saved.epochs and recipe.epochs > done:
+        notes.append(f"--epochs {recipe.epochs} (was {saved.epochs}): the lr schedule now ends at epoch "
+                     f"{recipe.epochs}")
     if recipe.epochs <= done:
         if "epochs" not in given:
             raise UserError(f"the run in {where} finished all {done} epochs; pass --epochs N (more than {done}) "
@@ -277,6 +281,22 @@ def fit_batch_to_data(recipe: Recipe, n_train: int, overrides: dict, resuming: b
             f"{n_train} training images: batch {batch} -> {fitted}, lr scaled to {lr:g}")
 
 
+def place_schedule(optimizer: torch.optim.Optimizer, scheduler, recipe: Recipe, steps_per_epoch: int, epoch: int,
+                   step: int, world_size: int = 1) -> None:
+    """Put a resumed run's lr schedule where the run is: `epoch` epochs done and `step` steps of the
+    next, counted in steps of this run's batch and data (which --allow-changes may have changed at
+    an epoch boundary), towards this recipe's peak lr and over its --epochs. The lr of the first
+    step is set too: the checkpoint's holds the old schedule's value (for a finished cosine run, 0)."""
+    done = steps_per_epoch * epoch + step
+    peak = recipe.lr * world_size
+    scheduler.last_epoch = done
+    scheduler.base_lrs = [peak for _ in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["initial_lr"] = peak
+        group["lr"] = peak * lr_factor(done, recipe, steps_per_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
+
+
 def _parallel(model: nn.Module, dist: distributed.Dist, device: torch.device, sync_bn: bool) -> nn.Module:
     """DistributedDataParallel under torchrun (SyncBatchNorm first, with --sync-bn); the model itself otherwise."""
     if not dist.enabled:
@@ -336,16 +356,8 @@ def set_up(args: argparse.Namespace, recipe: Recipe, overrides: dict, checkpoint
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
         set_rng_state(checkpoint["rng"])
-        saved = recipe_from_dict(checkpoint["recipe"])
-        if (recipe.lr, recipe.batch_size) != (saved.lr, saved.batch_size):
-            # resumed with --allow-changes, at an epoch boundary: the schedule goes on from the same
-            # point of the run in steps of the new batch, towards the new peak lr
-            steps = len(loaders.train) * checkpoint["epoch"]
-            scheduler.base_lrs = [recipe.lr * dist.world_size for _ in optimizer.param_groups]
-            scheduler.last_epoch = steps
-            for group in optimizer.param_groups:
-                group["initial_lr"] = recipe.lr * dist.world_size
-                group["lr"] = group["initial_lr"] * lr_factor(steps, recipe, len(loaders.train))
+        place_schedule(optimizer, scheduler, recipe, len(loaders.train), checkpoint["epoch"],
+                       checkpoint.get("step", 0), dist.world_size)
     parallel = _parallel(model, dist, device, args.sync_bn)
     compile_ = dev.compiler(compiled, recipe.compile_mode)
     # the model and its loss are compiled as one graph for training; the model alone for evaluation

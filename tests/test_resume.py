@@ -87,17 +87,36 @@ def test_allow_changes_takes_a_new_batch_at_an_epoch_boundary_and_scales_lr(cifa
     assert "resumed with changes: --batch-size 4 (was 8)" in said
     assert "lr scaled to 0.000625" in said                # 0.00125 x 4/8, the fast recipe's linear rule
     assert metrics(out)[1]["train_images"] == 24 and summary(out)["recipe"]["lr"] == pytest.approx(0.000625)
-    assert load_checkpoint(out / "last.pt")["optimizer"]["param_groups"][0]["initial_lr"] == pytest.approx(0.000625)
+    ck = load_checkpoint(out / "last.pt")
+    assert ck["optimizer"]["param_groups"][0]["initial_lr"] == pytest.approx(0.000625)
+    # the schedule went on from epoch 1's end counted in steps of the new batch: 6 + 6 steps
+    assert ck["scheduler"]["last_epoch"] == 12
+    # epoch 2's first step: still warming up (2 epochs = 12 steps of 4), 0.1 + 0.9 x 6/12 of the new peak
+    assert metrics(out)[1]["lr"] == pytest.approx(0.000625 * (0.1 + 0.9 * 6 / 12))
 
 
-def test_a_new_batch_in_the_middle_of_an_epoch_is_refused(one_epoch, capsys):
+def test_more_epochs_restart_the_finished_schedule_where_it_stands(cifar_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    fast = ["--recipe", "fast", "--device", "cpu", "--workers", "0", "--loader", "torch", "--no-compile",
+            "--batch-size", "8", "--warmup-epochs", "0"]
+    assert main(["cnn", "--data", str(cifar_root), "--out", str(out), "--epochs", "1", "--train-limit", "24",
+                 *fast]) == 0
+    capsys.readouterr()
+    assert main(["cnn", "--out", str(out), "--resume", "--epochs", "2"]) == 0
+    assert "the lr schedule now ends at epoch 2" in capsys.readouterr().out
+    # the finished 1-epoch cosine had decayed to 0; the 2-epoch one is at its middle: half the peak
+    assert metrics(out)[1]["lr"] == pytest.approx(0.00125 * 0.5)
+
+
+@pytest.mark.parametrize("change", [["--batch-size", "4"], ["--lr", "0.1"], ["--train-limit", "16"]])
+def test_a_change_in_the_middle_of_an_epoch_is_refused(one_epoch, change, capsys):
     ck = load_checkpoint(one_epoch / "last.pt")
     ck["epoch"], ck["step"] = 0, 1  # as a Ctrl-C after the first step would have saved it
     torch.save(ck, one_epoch / "last.pt")
     capsys.readouterr()
-    assert main(["cnn", "--out", str(one_epoch), "--resume", "--batch-size", "4", "--allow-changes"]) == 2
+    assert main(["cnn", "--out", str(one_epoch), "--resume", *change, "--allow-changes"]) == 2
     line = one_error_line(capsys)
-    assert "middle of epoch 1" in line and "step 1 of batch 8" in line
+    assert "middle of epoch 1" in line and "step 1 of batch 8" in line and change[0] in line
 
 
 def test_resuming_the_other_model_says_which_model_the_checkpoint_holds(one_epoch, capsys):
@@ -184,6 +203,26 @@ def test_a_second_ctrl_c_before_any_checkpoint_says_nothing_was_saved(cifar_root
     assert main(["cnn", "--data", str(cifar_root), "--out", str(out), "--epochs", "1", *SEED_CNN]) == 130
     err = capsys.readouterr().err
     assert "before any checkpoint was written: nothing was saved" in err and "Traceback" not in err
+    assert summary(out)["status"] == "stopped"
+
+
+def test_a_second_ctrl_c_after_a_checkpoint_names_the_epoch_it_holds(cifar_root, tmp_path, monkeypatch, capsys):
+    import fasttrain.session as session
+
+    real = session.TrainingSession._epoch_end
+
+    def second_ctrl_c_after_epoch_1(self, record):
+        real(self, record)
+        self.writer.flush()  # epoch 1's checkpoint is on disk, no write in progress
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(session.TrainingSession, "_epoch_end", second_ctrl_c_after_epoch_1)
+    out = tmp_path / "run"
+    assert main(["cnn", "--data", str(cifar_root), "--out", str(out), "--epochs", "2", *SEED_CNN]) == 130
+    err = capsys.readouterr().err
+    assert f"stopped at once; {out / 'last.pt'} holds the state at the end of epoch 1" in err
+    assert "abandoned" not in err  # nothing was being written
+    assert load_checkpoint(out / "last.pt")["epoch"] == 1 and summary(out)["status"] == "stopped"
 
 
 def test_a_run_that_dies_does_not_stay_running_in_its_summary(cifar_root, tmp_path, monkeypatch):

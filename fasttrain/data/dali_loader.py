@@ -18,7 +18,8 @@ next epoch): raw uint8 arrays (CIFAR), or encoded file paths that DALI's own thr
 
 The cache (`--cache gpu`, or `auto` on CUDA when it fits) keeps the decoded data set on the
 training device (`decode_to_device`; CIFAR's arrays as they are). Its batches are augmented one
-of two ways, chosen by the environment variable FASTTRAIN_CACHE_AUGMENT (`cache_augment`):
+of two ways, chosen by --cache-augment (the recipe's cache_augment; its "auto" reads the
+environment variable FASTTRAIN_CACHE_AUGMENT; see `cache_augment`):
 - "device" (the default): batched tensor ops on the training stream, airbench's way
   (fasttrain/data/device_augment.py); the loader is named "device-cache".
 - "dali": gathered on a side stream and fed to the same DALI operators as above; the loader is
@@ -343,6 +344,11 @@ class DaliLoader:
     def __len__(self) -> int:
         return self.source.order.steps()
 
+    def close(self) -> None:
+        """Release the pipeline (DALI's threads, its buffers) now rather than whenever the garbage
+        collector meets it; the loader is not iterated again."""
+        self.iterator = None
+
     def __iter__(self):
         delivered = 0  # batches served since the source last started (the epoch, or a restart in it)
         while True:
@@ -512,8 +518,8 @@ def cache_augment(choice: str | None = None) -> str:
     """How batches from the cache are augmented: "device" (batched tensor ops on the training
     stream, fasttrain/data/device_augment.py) or "dali" (DALI's operators, fed from the cache).
 
-    choice "device" or "dali" decides; None or "auto" reads $FASTTRAIN_CACHE_AUGMENT, else
-    CACHE_AUGMENT_DEFAULT.
+    choice (the recipe's cache_augment, --cache-augment) "device" or "dali" decides; None or "auto"
+    reads $FASTTRAIN_CACHE_AUGMENT, else CACHE_AUGMENT_DEFAULT. Raises UserError for another value.
     """
     if choice in (None, "auto"):
         choice = os.environ.get(CACHE_AUGMENT_ENV, "").strip().lower() or CACHE_AUGMENT_DEFAULT

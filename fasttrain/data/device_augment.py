@@ -200,7 +200,8 @@ class DeviceCacheLoader:
             yield self.batch(index[start:start + self.batch_size])
 
     def batch(self, picked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(images, labels) for the cache rows `picked` ((B,) int64 on the device), drawn from self.generator."""
+        """(images, labels) for the cache rows `picked` ((B,) int64 on the device), drawn from self.generator:
+        images float32 (B, 3, S, S) normalised, channels_last when the recipe asks, labels int64 (B,)."""
         recipe, n = self.recipe, len(picked)
         _, height, width, _ = self.images.shape
         if recipe.model == "cnn":

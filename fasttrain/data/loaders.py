@@ -68,7 +68,10 @@ def default_backend() -> str:
 
 
 def backend_names() -> list[str]:
-    return ["auto", *BACKENDS]
+    from fasttrain.recipes import LOADER_CHOICES
+
+    assert set(LOADER_CHOICES) == {"auto", *BACKENDS}  # the command line's choices, known without importing torch
+    return list(LOADER_CHOICES)
 
 
 def build_loaders(data: DataSet, recipe: Recipe, device: torch.device, workers: int, seed: int,
