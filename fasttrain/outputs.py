@@ -20,7 +20,7 @@ import torch
 
 from fasttrain.errors import UserError
 
-RUN_FILES = ("metrics.jsonl", "last.pt")
+RUN_FILES = ("metrics.jsonl", "last.pt", "summary.json")
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -97,6 +97,9 @@ class RunDir:
     def prepare(self, resume: bool) -> None:
         """Create the folder; refuse to overwrite a run unless it is being resumed."""
         if resume and not self.last.is_file():  # checked first: a mistyped --out leaves no folder behind
+            if any((self.path / name).exists() for name in RUN_FILES):
+                raise UserError(f"--resume: the run in {self.path} stopped before it saved a checkpoint, so it "
+                                f"cannot be continued; start it again in another --out (or delete this folder)")
             raise UserError(f"--resume: no checkpoint {self.last}; start a new run without --resume")
         self.made = folders_to_make(self.path)
         try:
@@ -106,6 +109,9 @@ class RunDir:
         except OSError as exc:
             raise UserError(f"--out {self.path}: cannot write there ({exc.strerror})") from None
         if not resume and any((self.path / name).exists() for name in RUN_FILES):
+            if not self.last.is_file():
+                raise UserError(f"--out {self.path} holds a run that stopped before it saved a checkpoint; "
+                                f"choose another --out (or delete that folder)")
             raise UserError(f"--out {self.path} holds a run already; pass --resume to continue it, "
                             f"or choose another --out")
         if resume:  # temporary files of a process that was killed while writing: never a valid file

@@ -21,7 +21,16 @@ def run() -> int:
         print("stopped (Ctrl-C) while starting; nothing was done", file=sys.stderr)
         return 130
     import gc
+    import os
+    import threading
 
     code = main()
+    if any(t.name == "fasttrain-writer" and t.is_alive() for t in threading.enumerate()):
+        # stopped at once (a second Ctrl-C) while the writer thread was inside torch.save: letting
+        # the interpreter finalise under it aborts the process (SIGABRT) once the thread next
+        # needs Python. End here instead; its temporary file was removed (cli.run_train).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     gc.freeze()
     return code

@@ -120,7 +120,8 @@ class TrainingSession:
                                             args.command)
             self.notes += notes
         elif overrides.get("batch_size") is not None and overrides.get("lr") is None:
-            base = get_recipe(args.command, recipe.name, recipe.finetune)
+            # the recipe the flags were applied to (cli.base_recipe: a named recipe, or a recipe file)
+            base = getattr(args, "recipe_base", None) or get_recipe(args.command, recipe.name, recipe.finetune)
             recipe, note = scale_lr(recipe, base.batch_size, base.lr)
             self.notes += [note] if note else []
         self.recipe = recipe
@@ -232,7 +233,7 @@ class TrainingSession:
         self.reporter = make_reporter() if self.dist.is_main else SilentReporter()
         train_loader = self._start_tensorboard() if self.args.tensorboard and self.dist.is_main else setup.loaders.train
         self._announce(start_epoch, start_step)
-        self.started = time.perf_counter()
+        self.started = self.epoch_mark = time.perf_counter()
         self.clock["startup_s"] = time.time() - self.clock_start
         self.prior_time_s = ck.get("total_time_s", 0.0) if ck else 0.0
         self.status = "running"
@@ -250,16 +251,25 @@ class TrainingSession:
                 return self._stopped(stop.epoch, stop.steps)
             except NonFiniteLoss as bad:
                 self.status = "diverged"
+                self._unfinished_epoch()
                 if self.dist.is_main:
-                    self._write_summary()
-                    self.writer.close()
-                self.close()
+                    self.writer.flush()  # a checkpoint in flight is the last good one
                 last = f"the last good checkpoint is {self.run_dir.last}" if self.run_dir.last.exists() else \
                     "no checkpoint was written yet"
-                raise RunError(f"the training loss became NaN or infinite at epoch {bad.epoch}, step {bad.step}; "
-                               f"{last}; lower --lr or use a wider precision (--no-amp)") from None
-        if self.stop_signal is not None:  # asked to stop during evaluation: the epoch is saved
+                error = (f"the training loss became NaN or infinite at epoch {bad.epoch}, step {bad.step}; "
+                         f"{last}; lower --lr or use a wider precision (--no-amp)")
+                if self.dist.is_main:
+                    summary = self._summary()
+                    summary["error"] = error
+                    self.writer.submit(lambda: self.run_dir.write_summary(summary))
+                    self.writer.close()
+                self.close()
+                raise RunError(error) from None
+        finished = bool(self.rows) and self.rows[-1]["epoch"] == recipe.epochs
+        if self.stop_signal is not None and not finished:  # asked to stop during evaluation: the epoch is saved
             return self._stopped(self.rows[-1]["epoch"] + 1 if self.rows else start_epoch, 0)
+        if self.stop_signal is not None and self.dist.is_main:
+            print("the last epoch had ended when the stop was asked for: the run is complete", file=sys.stderr)
         self.status = "finished"
         if self.dist.is_main:
             started = time.perf_counter()
@@ -332,15 +342,26 @@ class TrainingSession:
             for s, h in previous.items():
                 signal.signal(s, h)
 
+    def _unfinished_epoch(self) -> None:
+        """A run stopped or diverged inside an epoch: that epoch's steps so far count in train_s
+        (its compiling step, if any, included), since no epoch record times them."""
+        self.clock["train_s"] += time.perf_counter() - self.epoch_mark
+        self.epoch_mark = time.perf_counter()
+
     def _stopped(self, epoch: int, steps: int) -> int:
         """Save the state after the last whole step of `epoch`, wait for every write, say how to resume."""
         self.status = "interrupted"
+        self._unfinished_epoch()
         if self.tensorboard is not None:
             self.tensorboard.write_first_batch()  # if no epoch ended: read between steps, training is over
         self.close()
         if not self.dist.is_main:
             return 128 + (self.stop_signal or signal.SIGTERM)
+        started = time.perf_counter()
         self.writer.checkpoint(self._checkpoint_state(epoch - 1, steps), best=False)
+        self.writer.flush()  # the checkpoint is on disk before the summary's clock stops
+        self.clock["outputs_s"] += time.perf_counter() - started
+        self.final_write_s = time.perf_counter() - started
         self._write_summary()
         self.writer.close()
         where = f"epoch {epoch}, step {steps}" if steps else f"the end of epoch {epoch - 1}"
@@ -359,7 +380,7 @@ class TrainingSession:
                     f"lr {r.lr:g} x {world} = {r.lr * world:g} (linear scaling with the global batch)"
                     + ("; SyncBatchNorm" if self.args.sync_bn else "; BatchNorm statistics per process"))
         for note in self.notes + self.loaders.notes:
-            p.print(f"note: {note}")
+            p.print(note if note.startswith("warning: ") else f"note: {note}")
         if start_epoch > 1 or start_step:
             p.print(f"resuming {self.run_dir.path} at epoch {start_epoch}" + (f", step {start_step}" if start_step else ""))
         p.print(f"run folder: {self.run_dir.path}")
@@ -386,6 +407,7 @@ class TrainingSession:
         best = v.acc > self.best_acc
         self.best_acc = max(self.best_acc, v.acc)
         if not self.dist.is_main:
+            self.epoch_mark = time.perf_counter()
             return
         started = time.perf_counter()
         self.reporter.end_epoch(row)
@@ -399,6 +421,7 @@ class TrainingSession:
                               self._checkpoint_state(record.epoch, 0) if save else None, best=best)
         self._write_summary()
         clock["outputs_s"] += time.perf_counter() - started
+        self.epoch_mark = time.perf_counter()
 
     def _checkpoint_state(self, epoch: int, step: int) -> dict:
         """Everything to continue exactly: `epoch` epochs finished, then `step` steps of the next."""

@@ -176,6 +176,9 @@ def resume_settings(checkpoint: dict, args: argparse.Namespace, given: set[str],
         before = record.get(field)
         if field not in given:
             setattr(args, field, Path(before) if field == "data" and before is not None else before)
+            if field == "data" and before is not None and not Path(before).exists():
+                raise UserError(f"--resume: the run's data folder {before} (saved in {last}) is gone; if it "
+                                f"moved, pass --data NEW --allow-changes")
             continue
         now = getattr(args, field)
         if field == "data" and now is not None:
@@ -242,8 +245,9 @@ def open_data(args: argparse.Namespace, recipe: Recipe, dist: distributed.Dist, 
     data = cap(data, args.train_limit, args.val_limit)
     if data.num_classes < 2:
         only = f" ({shown(data.classes[0])})" if data.classes else ""
-        raise UserError(f"the data set has {data.num_classes} class{only}: a classifier needs at least 2 "
-                        f"(one folder per class under {shown(data.root) if data.root else 'the data folder'})")
+        where = (f" (one folder per class under {shown(data.root)})" if data.kind == "folder" and data.root
+                 else "")
+        raise UserError(f"the data set has {data.num_classes} class{only}: a classifier needs at least 2{where}")
     if args.strict and data.kind == "folder":
         # rank 0 decodes first and remembers the verdicts; the other ranks then find them cached
         distributed.on_main(dist, lambda: check_strict(data, recipe), device)

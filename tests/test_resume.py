@@ -242,3 +242,72 @@ def test_a_run_that_dies_does_not_stay_running_in_its_summary(cifar_root, tmp_pa
         main(["cnn", "--data", str(cifar_root), "--out", str(out), "--epochs", "2", *SEED_CNN])
     s = summary(out)
     assert s["status"] == "failed" and "illegal memory access" in s["error"] and s["epochs_completed"] == 1
+
+
+def test_a_stop_asked_for_after_the_last_epoch_finishes_the_run(cifar_root, tmp_path, monkeypatch, capsys):
+    import signal
+
+    import fasttrain.session as session
+
+    real = session.TrainingSession._epoch_end
+
+    def ctrl_c_at_the_end(self, record):
+        real(self, record)
+        self.stop_signal = signal.SIGINT  # Ctrl-C while the last epoch's outputs are written
+
+    monkeypatch.setattr(session.TrainingSession, "_epoch_end", ctrl_c_at_the_end)
+    out = tmp_path / "run"
+    assert main(["cnn", "--data", str(cifar_root), "--out", str(out), "--epochs", "1", *SEED_CNN]) == 0
+    err = capsys.readouterr().err
+    assert "the run is complete" in err and "Resume with" not in err
+    assert summary(out)["status"] == "finished" and load_checkpoint(out / "last.pt")["epoch"] == 1
+
+
+def test_a_stopped_run_accounts_for_its_unfinished_epoch_and_last_write(cifar_root, tmp_path, monkeypatch):
+    import signal
+
+    import fasttrain.session as session
+
+    def stop_at_step_2(self, step):
+        if step >= 2:
+            self.stop_signal = signal.SIGINT
+        return self.stop_signal is not None
+
+    monkeypatch.setattr(session.TrainingSession, "_should_stop", stop_at_step_2)
+    out = tmp_path / "run"
+    assert main(["cnn", "--data", str(cifar_root), "--out", str(out), "--epochs", "1", *SEED_CNN]) == 130
+    s = summary(out)
+    t = s["time"]
+    assert s["status"] == "interrupted" and load_checkpoint(out / "last.pt")["step"] == 2
+    assert t["train_s"] > 0                     # the two steps of the unfinished epoch
+    assert 0 < t["final_write_s"] <= t["outputs_s"]  # the stop's checkpoint, on disk before the clock stops
+    parts = ("startup_s", "compile_s", "train_s", "eval_s", "outputs_s", "other_s")
+    assert sum(t[k] for k in parts) == pytest.approx(t["wall_s"], abs=0.01)
+
+
+def test_a_run_that_saved_no_checkpoint_is_named_so(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "summary.json").write_text('{"status": "diverged"}')  # a run that diverged in its first epoch
+    assert main(["cnn", "--out", str(out), "--synthetic", *SEED_CNN]) == 2
+    assert "stopped before it saved a checkpoint; choose another --out" in one_error_line(capsys)
+    assert main(["cnn", "--out", str(out), "--resume", "--synthetic", *SEED_CNN]) == 2
+    assert "cannot be continued" in one_error_line(capsys)
+    assert (out / "summary.json").read_text() == '{"status": "diverged"}'
+
+
+def test_resume_names_a_data_folder_that_moved(cifar_root, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(cifar_root, data)
+    out = tmp_path / "run"
+    assert main(["cnn", "--data", str(data), "--out", str(out), "--epochs", "1", "--train-limit", "16",
+                 *SEED_CNN]) == 0
+    data.rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert main(["cnn", "--out", str(out), "--resume", "--epochs", "2"]) == 2
+    line = one_error_line(capsys)
+    assert f"the run's data folder {data} (saved in" in line and "--data NEW --allow-changes" in line
+    assert main(["cnn", "--out", str(out), "--resume", "--epochs", "2", "--data", str(tmp_path / "moved"),
+                 "--allow-changes"]) == 0

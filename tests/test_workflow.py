@@ -112,18 +112,34 @@ def save(obj, f, *args, **kwargs):
         return real_save(obj, f, *args, **kwargs)
     buffer = io.BytesIO()
     real_save(obj, buffer, *args, **kwargs)
-    data = buffer.getvalue()
+    size = len(buffer.getvalue())
+
+    class Half:
+        # the real torch.save writes through this; past half the file it waits, inside torch's
+        # C++ zip writer (which calls write()): where a real slow disk holds the writer thread
+        def __init__(self, out):
+            self.out, self.done = out, 0
+
+        def write(self, data):
+            written = self.out.write(data)
+            self.done += len(data)
+            if self.done >= size // 2 and self.done - len(data) < size // 2:
+                self.out.flush()
+                os.fsync(self.out.fileno())
+                print(f"TEST: half of {size} bytes written to {target}", flush=True)
+                for _ in range(60000):  # 10 minutes, waking often, as a thread busy writing would
+                    time.sleep(0.01)
+            return written
+
+        def flush(self):
+            self.out.flush()
+
     with contextlib.nullcontext(f) if not isinstance(f, (str, os.PathLike)) else open(f, "wb") as out:
-        out.write(data[:len(data) // 2])
-        out.flush()
-        os.fsync(out.fileno())
-        print(f"TEST: half of {len(data)} bytes written to {target}", flush=True)
-        time.sleep(600)
-        out.write(data[len(data) // 2:])
+        real_save(obj, Half(out), *args, **kwargs)
 
 torch.save = save
-from fasttrain.cli import main
-sys.exit(main(sys.argv[1:]))
+from fasttrain.program import run  # the program's own entry, exit path included
+sys.exit(run())
 """
 
 
@@ -273,7 +289,9 @@ def test_a_persistent_nonfinite_loss_stops_the_run(cifar_root, tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1
     assert "NaN or infinite at epoch 1, step" in err[0] and "--lr" in err[0]
-    assert json.loads((out / "summary.json").read_text())["status"] == "diverged"
+    s = json.loads((out / "summary.json").read_text())
+    assert s["status"] == "diverged" and s["error"] == err[0][len("error: "):]
+    assert s["time"]["train_s"] > 0  # the steps of the epoch it diverged in
 
 
 def _loader(losses):
