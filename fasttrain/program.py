@@ -11,8 +11,8 @@ def run() -> int:
     """Exit code of `fasttrain.cli.main` on sys.argv; 130 for a Ctrl-C during imports.
 
     When main() returns, everything a run writes is flushed and closed. What is left is the
-    interpreter's final garbage collection over torch's objects, 1-1.5 s on the 2-core CI machine
-    (0.2 s without it): time after summary.json's wall clock that nothing would account for.
+    interpreter's final garbage collection over torch's objects, 0.8 s on the 2-core CI machine
+    (0.19 s without it; benchmarks/run_time_check.py): time after summary.json's wall clock that nothing would account for.
     gc.freeze() exempts the objects alive now from it; they are still freed as the process ends.
     """
     try:
