@@ -11,9 +11,10 @@ def run() -> int:
     """Exit code of `fasttrain.cli.main` on sys.argv; 130 for a Ctrl-C during imports.
 
     When main() returns, everything a run writes is flushed and closed. What is left is the
-    interpreter's final garbage collection over torch's objects, 0.8 s on the 2-core CI machine
-    (0.19 s without it; benchmarks/run_time_check.py): time after summary.json's wall clock that nothing would account for.
-    gc.freeze() exempts the objects alive now from it; they are still freed as the process ends.
+    interpreter's shutdown over torch's objects: 0.80 s on the 2-core CI machine, 0.19 s after
+    gc.freeze() (benchmarks/run_time_check.py), time after summary.json's wall clock that nothing
+    would account for. gc.freeze() exempts the objects alive now from the final collection; their
+    memory goes back as the process ends, and the loaders' pipelines were released by the session.
     """
     try:
         from fasttrain.cli import main
