@@ -15,7 +15,7 @@ from pathlib import Path
 from fasttrain import export
 from fasttrain.data.decode import DEFAULT_MAX_PIXELS
 from fasttrain.errors import RunError, UserError
-from fasttrain.recipes import COMPILE_MODES, LOADER_CHOICES, RECIPES, Recipe, get_recipe, override
+from fasttrain.recipes import COMPILE_MODES, LOADER_CHOICES, RECIPES, Recipe, get_recipe, override, value_text
 
 # recipe fields set by a flag of the same name (dashes for underscores); None: the flag was not given
 RECIPE_FLAGS = ("epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "warmup_epochs",
@@ -41,23 +41,13 @@ COMMANDS = {
 def versions_line() -> str:
     """fasttrain's version and those of Python, torch, torchvision and DALI, from the installed
     packages' metadata (importlib.metadata: nothing is imported)."""
-    import importlib.metadata
     import platform
 
-    def version(*dists: str) -> str | None:
-        for dist in dists:
-            try:
-                return importlib.metadata.version(dist)
-            except importlib.metadata.PackageNotFoundError:
-                pass
-        return None
-
-    from fasttrain import __version__
+    from fasttrain import DALI_PACKAGES, __version__, installed_version
 
     parts = [f"fasttrain {__version__}", f"Python {platform.python_version()}"]
-    for name, dists in (("torch", ("torch",)), ("torchvision", ("torchvision",)),
-                        ("DALI", ("nvidia-dali-cuda130", "nvidia-dali-cuda120"))):
-        found = version(*dists)
+    for name, dists in (("torch", ("torch",)), ("torchvision", ("torchvision",)), ("DALI", DALI_PACKAGES)):
+        found = installed_version(*dists)
         parts.append(f"{name} {found}" if found else f"{name} not installed")
     return ", ".join(parts)
 
@@ -122,9 +112,8 @@ for _f, _name in ((_positive_int, "positive integer"), (_non_negative_int, "inte
 
 
 def _shown(value) -> str:
-    if isinstance(value, bool) or value is None:
-        return {True: "on", False: "off", None: "auto"}[value]
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    """A recipe value for --help; None reads "auto" there (amp, compile: decided by the device)."""
+    return value_text(value, none="auto")
 
 
 def _defaults(model: str, field: str) -> str:

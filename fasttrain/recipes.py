@@ -159,6 +159,14 @@ def get_recipe(model: str, name: str, finetune: bool = False) -> Recipe:
     return RECIPES[(model, name, True if model == "cnn" else finetune)]
 
 
+def value_text(value, none: str = "not set") -> str:
+    """A recipe or run field's value as a person reads it: on/off for booleans, `none` for None,
+    floats in %g form (5e-05, 0.08), anything else as str()."""
+    if isinstance(value, bool) or value is None:
+        return {True: "on", False: "off", None: none}[value]
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def override(recipe: Recipe, changes: dict) -> Recipe:
     """The recipe with each change applied that is not None (None: the flag was not given)."""
     return dataclasses.replace(recipe, **{k: v for k, v in changes.items() if v is not None})

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import importlib.metadata
 import os
 import platform
 import shlex
@@ -60,16 +59,12 @@ _IMPORTED = time.time()
 
 
 def versions() -> dict:
-    def version(dist: str) -> str | None:
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
     import torchvision
 
+    from fasttrain import DALI_PACKAGES, installed_version
+
     return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "numpy": np.__version__, "dali": version("nvidia-dali-cuda130") or version("nvidia-dali-cuda120"),
+            "numpy": np.__version__, "dali": installed_version(*DALI_PACKAGES),
             "cuda": torch.version.cuda}
 
 

@@ -29,7 +29,7 @@ from fasttrain.data.synthetic import SYNTHETIC_SIZES
 from fasttrain.device import Precision
 from fasttrain.errors import UserError
 from fasttrain.models import DEFAULT_CLASSES, build_model, trainable_parameters
-from fasttrain.recipes import Recipe, recipe_from_dict
+from fasttrain.recipes import Recipe, recipe_from_dict, value_text
 from fasttrain.train import ForwardLoss, TrainStep, lr_factor, make_optimizer, make_scheduler
 
 # categories of left-out files that --strict refuses (fasttrain/data/index.py names them)
@@ -128,12 +128,6 @@ def _flag(field: str) -> str:
     return FLAG.get(field, "--" + field.replace("_", "-"))
 
 
-def _shown(value) -> str:
-    if isinstance(value, bool) or value is None:
-        return {True: "on", False: "off", None: "not set"}[value]
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
 def scale_lr(recipe: Recipe, base_batch: int, base_lr: float) -> tuple[Recipe, str | None]:
     """The recipe's lr_scaling rule for a batch other than the one `base_lr` was tuned for: linear
     (Goyal et al. 2017, as the fast recipes were derived) gives lr = base_lr * batch / base_batch;
@@ -167,8 +161,8 @@ def resume_settings(checkpoint: dict, args: argparse.Namespace, given: set[str],
     saved = recipe_from_dict(checkpoint["recipe"])
     for field, flag in (("name", "recipe"), ("finetune", "finetune")):
         if flag in given and getattr(args, flag) != getattr(saved, field):
-            raise UserError(f"--{flag} {_shown(getattr(args, flag))}: {last} was trained with "
-                            f"{flag} {_shown(getattr(saved, field))}; a different recipe is a new run (another --out)")
+            raise UserError(f"--{flag} {value_text(getattr(args, flag))}: {last} was trained with "
+                            f"{flag} {value_text(getattr(saved, field))}; a different recipe is a new run (another --out)")
     allow = getattr(args, "allow_changes", False)
     notes, changed = [], []
     record = checkpoint.get("run")
@@ -184,7 +178,7 @@ def resume_settings(checkpoint: dict, args: argparse.Namespace, given: set[str],
         if field == "data" and now is not None:
             now = str(Path(now).resolve())
         if now != before:
-            changed.append(f"{_flag(field)} {_shown(now)} (was {_shown(before)})")
+            changed.append(f"{_flag(field)} {value_text(now)} (was {value_text(before)})")
             if field == "data" and now is not None:
                 args.data = Path(now)
     recipe = saved
@@ -192,7 +186,7 @@ def resume_settings(checkpoint: dict, args: argparse.Namespace, given: set[str],
         if value is None or value == getattr(saved, field):
             continue
         if field not in FREE_ON_RESUME:
-            changed.append(f"{_flag(field)} {_shown(value)} (was {_shown(getattr(saved, field))})")
+            changed.append(f"{_flag(field)} {value_text(value)} (was {value_text(getattr(saved, field))})")
         recipe = dataclasses.replace(recipe, **{field: value})
     if changed and not allow:
         raise UserError(f"--resume: {'; '.join(changed)} would change what this run trains on; "
