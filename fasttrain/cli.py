@@ -455,7 +455,7 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
             print(session.stopped_at_once(), file=sys.stderr)
         return 130
     finally:
-        session.close()
+        session.release()
         if session.dist.is_main:
             session.run_dir.remove_if_unused()
 

@@ -356,3 +356,9 @@ class RunWriter:
             self._jobs.put((None, None))
             self._thread.join()
         self._raise_failure()
+
+    def release(self) -> None:
+        """Drop the host copies of the last checkpoint (as large as its state) once no write can
+        need them: the thread has ended, or the process is stopping at once."""
+        if not self._thread.is_alive():
+            self._buffers.clear()
