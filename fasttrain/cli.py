@@ -206,9 +206,10 @@ def _add_train_flags(p: argparse.ArgumentParser, model: str) -> None:
     p.add_argument("--allow-changes", action="store_true",
                    help="with --resume: accept flags that change the data, the batch or the optimisation "
                         "(a new batch only at an epoch boundary)")
-    p.add_argument("--tensorboard", action="store_true",
+    p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction,
                    help="also write TensorBoard event files to RUN/tensorboard (pip install tensorboard; "
-                        "view with: tensorboard --logdir RUN)")
+                        "view with: tensorboard --logdir RUN); --resume keeps what the run started with "
+                        "(default: off)")
     p.add_argument("--summary", action="store_true", help="print the layers and parameter counts, then exit")
     p.add_argument("--strict", action="store_true",
                    help="decode every image file fully before training and refuse damaged ones (exit 2) "

@@ -115,6 +115,9 @@ class TrainingSession:
             recipe, notes = resume_settings(self.checkpoint, args, flags_given(argv), overrides, self.run_dir.path,
                                             args.command)
             self.notes += notes
+            if args.tensorboard:  # restored from the checkpoint: the package must still be there
+                from fasttrain.tensorboard import summary_writer_class
+                summary_writer_class()
         elif overrides.get("batch_size") is not None and overrides.get("lr") is None:
             # the recipe the flags were applied to (cli.base_recipe: a named recipe, or a recipe file)
             base = getattr(args, "recipe_base", None) or get_recipe(args.command, recipe.name, recipe.finetune)

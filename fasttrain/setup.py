@@ -108,6 +108,9 @@ RUN_FIELDS = ("data", "synthetic", "num_classes", "train_limit", "val_limit", "v
               "max_image_pixels", "strict", "sync_bn")
 # recipe fields a resumed run may change freely: they change how fast it trains, not what
 FREE_ON_RESUME = ("epochs", "workers", "compile", "compile_mode", "channels_last", "cache_augment")
+# what a run records besides, restored on --resume unless given again: free to change, as it
+# changes nothing the run trains
+KEPT_ON_RESUME = ("tensorboard",)
 FLAG = {"data": "--data", "synthetic": "--synthetic", "num_classes": "--num-classes", "train_limit": "--train-limit",
         "val_limit": "--val-limit", "val_fraction": "--val-fraction", "seed": "--seed",
         "max_image_pixels": "--max-image-pixels", "strict": "--strict", "sync_bn": "--sync-bn"}
@@ -119,6 +122,7 @@ def run_record(args: argparse.Namespace) -> dict:
     from fasttrain.data.datasets import default_root
 
     record = {k: getattr(args, k, None) for k in RUN_FIELDS}
+    record.update({k: bool(getattr(args, k, False)) for k in KEPT_ON_RESUME})
     if not args.synthetic:
         record["data"] = str(Path(args.data if args.data is not None else default_root()).resolve())
     return record
@@ -149,7 +153,7 @@ def resume_settings(checkpoint: dict, args: argparse.Namespace, given: set[str],
     given: the option names (argparse dests) present on the command line; overrides: the recipe
     fields those flags set (None where not given). A flag that would change the data, the batch or
     the optimisation is refused unless --allow-changes; --epochs may grow, --workers and compiling
-    may change. Returns the recipe and notes for the user. Raises UserError (one line) for a
+    may change; --tensorboard is restored unless given again (--no-tensorboard turns it off). Returns the recipe and notes for the user. Raises UserError (one line) for a
     checkpoint of the other model, a finished run, fewer epochs than done, another recipe, a batch
     change in the middle of an epoch, and any refused change.
     """
@@ -181,6 +185,9 @@ def resume_settings(checkpoint: dict, args: argparse.Namespace, given: set[str],
             changed.append(f"{_flag(field)} {value_text(now)} (was {value_text(before)})")
             if field == "data" and now is not None:
                 args.data = Path(now)
+    for field in KEPT_ON_RESUME:
+        if field not in given:
+            setattr(args, field, bool((record or {}).get(field, False)))  # before the field existed: off
     recipe = saved
     for field, value in overrides.items():
         if value is None or value == getattr(saved, field):

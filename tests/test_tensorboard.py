@@ -155,6 +155,23 @@ def test_a_stopped_run_resumed_continues_the_steps_and_hides_what_was_logged_pas
     assert [w.closed for w in writers] == [True, True]
 
 
+@needs_tensorboard
+def test_resume_keeps_writing_events_without_the_flag_and_stops_with_no_tensorboard(cifar_root, tmp_path):
+    out = tmp_path / "run"
+    assert main(["cnn", "--data", str(cifar_root), "--out", str(out), "--epochs", "1", *SEED_CNN,
+                 "--tensorboard"]) == 0
+    assert main(["cnn", "--out", str(out), "--resume", "--epochs", "2"]) == 0
+    assert [step for step, _ in points(events(out), "val/top1")] == [STEPS, 2 * STEPS]
+    with pytest.MonkeyPatch.context() as gone:  # remembered, but the package is gone: refused, not dropped
+        gone.setitem(sys.modules, "tensorboard", None)
+        gone.delitem(sys.modules, "torch.utils.tensorboard", raising=False)
+        gone.setattr("fasttrain.session.set_up", lambda *a, **k: pytest.fail("set-up began before the refusal"))
+        assert main(["cnn", "--out", str(out), "--resume", "--epochs", "3"]) == 2
+    assert main(["cnn", "--out", str(out), "--resume", "--epochs", "3", "--no-tensorboard"]) == 0
+    assert [step for step, _ in points(events(out), "val/top1")] == [STEPS, 2 * STEPS]
+    assert len(metrics(out)) == 3
+
+
 def test_without_the_package_the_run_is_refused_in_one_line_before_anything(cifar_root, tmp_path, monkeypatch,
                                                                             capsys):
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # `import tensorboard` raises ImportError
