@@ -25,7 +25,7 @@ from fasttrain.recipes import CNN_SEED, IMAGENET_MEAN, IMAGENET_STD, RESNET_SEED
 from conftest import write_cifar
 
 CPU = torch.device("cpu")
-pytestmark = pytest.mark.skipif(not dali_available(), reason="needs NVIDIA DALI (pip install nvidia-dali-cuda130): "
+needs_dali = pytest.mark.skipif(not dali_available(), reason="needs NVIDIA DALI (pip install nvidia-dali-cuda130): "
                                 "the cache is built by dali_loader")
 
 
@@ -55,6 +55,7 @@ def unique_cifar(tmp_path_factory):
 # ---- CNN ----------------------------------------------------------------------------------
 
 
+@needs_dali
 @pytest.mark.parametrize("augment, atol", [("device", 1e-6), ("dali", 1e-5)])
 def test_cnn_evaluation_equals_the_dataloader(augment, atol, cifar_root, monkeypatch):
     data = open_dataset("cnn", cifar_root)
@@ -80,6 +81,7 @@ def _candidates(image: np.ndarray, padding: int) -> torch.Tensor:
     return torch.cat([crops, crops.flip(-1)])
 
 
+@needs_dali
 def test_cnn_training_crops_are_pad_crop_flips_of_their_source(unique_cifar, monkeypatch):
     data = unique_cifar
     loaders = loaders_for(data, CNN_SEED, "device", monkeypatch)
@@ -103,6 +105,7 @@ def test_cnn_training_crops_are_pad_crop_flips_of_their_source(unique_cifar, mon
     assert 0.25 < np.mean(flips) < 0.75              # 96 flips at p = 0.5: 5 sigma
 
 
+@needs_dali
 def test_cnn_training_visits_samples_in_the_dali_loaders_order(unique_cifar, monkeypatch):
     data = unique_cifar
     device = loaders_for(data, CNN_SEED, "device", monkeypatch)
@@ -113,6 +116,7 @@ def test_cnn_training_visits_samples_in_the_dali_loaders_order(unique_cifar, mon
         assert [y.tolist() for _, y in device.train] == [y.tolist() for _, y in dali.train]
 
 
+@needs_dali
 def test_a_resumed_run_makes_the_same_batches(unique_cifar, monkeypatch):
     def same(batches, reference):
         return len(batches) == len(reference) and all(
@@ -125,6 +129,7 @@ def test_a_resumed_run_makes_the_same_batches(unique_cifar, monkeypatch):
     assert same(list(loaders_for(unique_cifar, CNN_SEED, "device", monkeypatch).train), first)  # a rerun
 
 
+@needs_dali
 def test_nchw_when_channels_last_is_off(cifar_root, monkeypatch):
     monkeypatch.setenv("FASTTRAIN_CACHE_AUGMENT", "device")
     data = open_dataset("cnn", cifar_root)
@@ -135,6 +140,7 @@ def test_nchw_when_channels_last_is_off(cifar_root, monkeypatch):
     assert loaders.train.prefetch_batches == 0 and loaders.train.on_skip == []
 
 
+@needs_dali
 def test_the_choice_is_named_and_checked(cifar_root, monkeypatch):
     data = open_dataset("cnn", cifar_root)
     assert "DALI's operators" in loaders_for(data, CNN_SEED, "dali", monkeypatch).notes[-1]
@@ -147,6 +153,7 @@ def test_the_choice_is_named_and_checked(cifar_root, monkeypatch):
 # ---- ResNet -------------------------------------------------------------------------------
 
 
+@needs_dali
 def test_resnet_batches_and_evaluation_from_the_file_cache(jpeg_root, monkeypatch):
     data = open_dataset("resnet", jpeg_root)
     loaders = loaders_for(data, RESNET_SEED, "device", monkeypatch, batch=4)
@@ -168,6 +175,7 @@ def test_resnet_batches_and_evaluation_from_the_file_cache(jpeg_root, monkeypatc
     assert (images - files).abs().mean() < 0.08
 
 
+@needs_dali
 def test_resnet_evaluation_of_cifar_arrays_resamples_like_torchvision(cifar_root, monkeypatch):
     data = open_dataset("resnet", cifar_root)
     got = torch.cat([x for x, _ in loaders_for(data, RESNET_SEED, "device", monkeypatch).val])
@@ -225,6 +233,7 @@ def test_random_resized_boxes_are_whole_pixels_inside_the_image():
 # ---- the command line -----------------------------------------------------------------------
 
 
+@needs_dali
 def test_training_from_the_device_cache(cifar_root, tmp_path, monkeypatch):
     monkeypatch.delenv("FASTTRAIN_CACHE_AUGMENT", raising=False)  # the default
     out = tmp_path / "run"
