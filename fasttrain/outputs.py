@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -219,6 +220,24 @@ def load_checkpoint(path: Path) -> dict:
         raise UserError(f"{path}: not a readable fasttrain checkpoint ({type(exc).__name__})") from None
 
 
+def _without_frames(exc: BaseException) -> BaseException:
+    """`exc` kept to be raised on the training thread, with no traceback in it or in the errors it
+    was raised from: their frames would keep the job's closure (a snapshot of the whole training
+    state) and, through it, the run alive. The writer thread's traceback stays readable as a note
+    (UserError, one line for the user, gets none)."""
+    if not isinstance(exc, UserError) and hasattr(exc, "add_note"):  # Python 3.11+
+        exc.add_note("in fasttrain's writer thread:\n" + "".join(traceback.format_exception(exc)).rstrip())
+    pending, seen = [exc], set()
+    while pending:
+        error = pending.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        error.__traceback__ = None
+        pending += [error.__cause__, error.__context__]
+    return exc
+
+
 class RunWriter:
     """Writes a run's outputs on one background thread, in the order they were asked for.
 
@@ -259,16 +278,21 @@ class RunWriter:
                 elif self._error is None and not self._abandoned:
                     job()
             except BaseException as exc:  # reported on the training thread
-                self._error = exc
+                self._error = _without_frames(exc)
             finally:
                 if done is not None:
                     done.set()
+                job = done = None  # not held while waiting for the next: a snapshot's closure
                 self._jobs.task_done()
 
     def _raise_failure(self) -> None:
         if self._error is not None:
             error, self._error = self._error, None
-            raise error
+            try:
+                raise error
+            finally:
+                del error  # else this frame, in the error's traceback, holds the error: a cycle that
+                # keeps the training frames (model, state) alive until a full garbage collection
 
     def submit(self, job: Callable[[], None]) -> None:
         """Run job() on the writer thread, after everything submitted before it."""
@@ -358,7 +382,10 @@ class RunWriter:
         self._raise_failure()
 
     def release(self) -> None:
-        """Drop the host copies of the last checkpoint (as large as its state) once no write can
-        need them: the thread has ended, or the process is stopping at once."""
-        if not self._thread.is_alive():
-            self._buffers.clear()
+        """The run is over, however it ended: stop the thread after what is queued (the jobs of an
+        abandoned writer are skipped) and drop the host copies of the last checkpoint, as large as
+        its state. A write in progress keeps its own snapshot until it ends; program.run still sees
+        its thread alive and exits at once."""
+        if self._thread.is_alive():
+            self._jobs.put((None, None))
+        self._buffers.clear()

@@ -527,14 +527,16 @@ class TrainingSession:
         distributed.shutdown()
 
     def release(self) -> None:
-        """Let go of the model, optimizer, loaders, data and the writer's host buffers: the run is
-        over. The session can outlive it in a reference cycle (a traceback's frames, a bound
-        method); without this, a caller of cli.main() in one process (the tests, a notebook) keeps
-        every run's tensors, 1.3 GB for the seed CNN, until a full garbage collection, which a
-        process with torch loaded runs rarely."""
-        self.close()
-        self.setup = self.model = self.loaders = self.data = self.checkpoint = None
-        if self.writer is not None:
-            self.writer.release()
+        """Let go of the model, optimizer, loaders, data, the writer's host buffers and its thread,
+        however the run ended. The session can outlive the run in a reference cycle (a traceback's
+        frames, a bound method); without this, a caller of cli.main() in one process (the tests, a
+        notebook) keeps every run's tensors, 1.3 GB for the seed CNN, until a full garbage
+        collection, which a process with torch loaded runs rarely."""
+        try:
+            self.close()
+        finally:
+            self.setup = self.model = self.loaders = self.data = self.checkpoint = None
+            if self.writer is not None:
+                self.writer.release()
 
 
