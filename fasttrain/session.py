@@ -229,6 +229,12 @@ class TrainingSession:
             self.compile_s = ck.get("compile_time_s", 0.0)
             self.rows = self.run_dir.keep_metrics_through(ck["epoch"])
         self.prior_time_s = ck.get("total_time_s", 0.0) if ck else 0.0
+        # optimizer steps before epoch 1's first, counted so that (epoch - 1) * steps_per_epoch + step
+        # + step_origin is the run's global step (TensorBoard's x-axis): 0 unless a resume changed the
+        # batch or the data, which changes the steps per epoch (checkpoints before this have none)
+        steps = setup.steps_per_epoch
+        position = (start_epoch - 1) * steps + start_step
+        self.step_origin = (ck.get("global_step", position) if ck else position) - position
         # its weights and optimizer state are in the model and optimizer now: 570 MB for the seed CNN
         self.checkpoint = ck = None
         self.writer = RunWriter(self.run_dir) if self.dist.is_main else None
@@ -240,7 +246,6 @@ class TrainingSession:
         self.status = "running"
         # fp16's GradScaler skips overflowing steps itself: only a long streak means divergence
         patience = 25 if self.precision.name == "fp16" else 1
-        steps = setup.steps_per_epoch
         with self._signals():
             try:
                 fit(setup.step, setup.parallel, setup.eval_model, train_loader, setup.loaders.val,
@@ -296,8 +301,8 @@ class TrainingSession:
         setup, steps = self.setup, self.setup.steps_per_epoch
         optimizer = setup.optimizer
         self.tensorboard = log = TensorBoardLog(self.run_dir.path, steps,
-                                                (setup.start_epoch - 1) * steps + setup.start_step,
-                                                lr_of=lambda: optimizer.param_groups[0]["lr"])
+                                                self.step_origin + (setup.start_epoch - 1) * steps + setup.start_step,
+                                                lr_of=lambda: optimizer.param_groups[0]["lr"], origin=self.step_origin)
         log.recipe(dataclasses.asdict(self.recipe), self.command,
                    {"data": self.data.describe(), "device": dev.device_name(self.device),
                     "precision": self.precision.name, "compiled": self.compile, "loader": self.loaders.backend})
@@ -429,7 +434,8 @@ class TrainingSession:
         setup = self.setup
         return {"model": setup.model.state_dict(), "optimizer": setup.optimizer.state_dict(),
                 "scheduler": setup.scheduler.state_dict(), "scaler": setup.scaler.state_dict(), "epoch": epoch,
-                "step": step, "rng": rng_state(), "recipe": dataclasses.asdict(self.recipe), "model_name": self.args.command,
+                "step": step, "global_step": self.step_origin + epoch * setup.steps_per_epoch + step,
+                "rng": rng_state(), "recipe": dataclasses.asdict(self.recipe), "model_name": self.args.command,
                 "run": run_record(self.args),
                 "classes": list(self.data.classes), "mean": list(self.loaders.mean), "std": list(self.loaders.std),
                 "best_val_acc": self.best_acc, "compile_time_s": self.compile_s,

@@ -3,9 +3,11 @@
 Receives numbers the loop and the session have already read on the host; computes nothing and never
 reads the device inside an epoch. `SummaryWriter` writes the event files on its own thread; each call
 here builds a small protobuf on the training thread (tens of microseconds), a few per log interval
-and per epoch. The x-axis is the global optimizer step, (epoch - 1) * steps_per_epoch + step, so a
-resumed run continues the same curves in the same folder (`purge_step` hides what a stopped process
-logged past the checkpoint it resumed from).
+and per epoch. The x-axis is the run's global optimizer step, origin + (epoch - 1) * steps_per_epoch
++ step, where origin is 0 unless a resume changed the steps per epoch (a new batch or data with
+--allow-changes; checkpoints store the global step), so a resumed run continues the same curves in
+the same folder (`purge_step` hides what a stopped process logged past the checkpoint it resumed
+from).
 """
 
 from __future__ import annotations
@@ -42,15 +44,17 @@ STEP_TAGS = {"loss": "train_step/loss", "images_per_sec": "train_step/images_per
 class TensorBoardLog:
     """Event files for one process of one run (the main rank's).
 
-    steps_per_epoch fixes the global step; start_step is the global step training starts from (0 for
-    a new run), logged events at or past it from an earlier process are superseded. lr_of() gives the
-    learning rate of the next step (the optimizer's Python float: no device read).
+    steps_per_epoch and origin fix the global step of epoch e's step k: origin + (e - 1) *
+    steps_per_epoch + k; start_step is the global step training starts from (0 for a new run),
+    logged events at or past it from an earlier process are superseded. lr_of() gives the learning
+    rate of the next step (the optimizer's Python float: no device read).
     """
 
-    def __init__(self, run_path, steps_per_epoch: int, start_step: int = 0, lr_of=lambda: None):
+    def __init__(self, run_path, steps_per_epoch: int, start_step: int = 0, lr_of=lambda: None, origin: int = 0):
         writer_class = summary_writer_class()
         self.path = run_path / FOLDER
         self.steps_per_epoch, self.start_step, self.lr_of = steps_per_epoch, start_step, lr_of
+        self.origin = origin
         self.base = 0  # global step before the current epoch's first step
         # a resumed run hides what a stopped process logged after its checkpoint; a new run in a folder
         # that kept a never-checkpointed run's events hides all of them (purge at step 0)
@@ -60,8 +64,12 @@ class TensorBoardLog:
 
     # ---- the step observer (fit's observer_for) -----------------------------------------------
 
+    def epoch_base(self, epoch: int) -> int:
+        """The global step before `epoch`'s first step."""
+        return self.origin + (epoch - 1) * self.steps_per_epoch
+
     def start_epoch(self, epoch: int) -> "TensorBoardLog":
-        self.base = (epoch - 1) * self.steps_per_epoch
+        self.base = self.epoch_base(epoch)
         return self
 
     def step(self, done: int, loss: float | None = None, images_per_sec: float | None = None) -> None:
@@ -81,11 +89,11 @@ class TensorBoardLog:
         """metrics.jsonl's row: its numbers at the epoch's last step; its lr (the rate the epoch began
         with) at the epoch's first."""
         epoch = row["epoch"]
-        at = epoch * self.steps_per_epoch
+        at = self.epoch_base(epoch) + self.steps_per_epoch
         for field, tag in EPOCH_TAGS.items():
             if row.get(field) is not None:
                 self.writer.add_scalar(tag, row[field], at)
-        self.writer.add_scalar("lr", row["lr"], (epoch - 1) * self.steps_per_epoch)
+        self.writer.add_scalar("lr", row["lr"], self.epoch_base(epoch))
         self.write_first_batch()
 
     def recipe(self, recipe: dict, command: str, described: dict) -> None:

@@ -172,6 +172,21 @@ def test_resume_keeps_writing_events_without_the_flag_and_stops_with_no_tensorbo
     assert len(metrics(out)) == 3
 
 
+@needs_tensorboard
+def test_a_new_batch_on_resume_continues_the_curves_at_the_runs_global_step(cifar_root, tmp_path):
+    out = tmp_path / "run"
+    assert main(["cnn", "--data", str(cifar_root), "--out", str(out), "--epochs", "1", *SEED_CNN,
+                 "--tensorboard"]) == 0                                           # 3 steps of 8
+    assert main(["cnn", "--out", str(out), "--resume", "--epochs", "2", "--batch-size", "4",
+                 "--allow-changes"]) == 0                                         # then 6 steps of 4
+    assert main(["cnn", "--out", str(out), "--resume", "--epochs", "3"]) == 0   # 6 more, from the checkpoint
+    acc, rows = events(out), metrics(out)
+    ends = [STEPS, STEPS + 6, STEPS + 12]
+    assert points(acc, "val/top1") == [(at, f32(r["val_acc"])) for at, r in zip(ends, rows)]
+    assert [step for step, _ in points(acc, "lr")] == [0, *ends[:2]]
+    assert [step for step, _ in points(acc, "train_step/loss")] == ends
+
+
 def test_without_the_package_the_run_is_refused_in_one_line_before_anything(cifar_root, tmp_path, monkeypatch,
                                                                             capsys):
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # `import tensorboard` raises ImportError
