@@ -186,6 +186,8 @@ class TrainingSession:
 
     def _record_end(self, status: str, exc: BaseException) -> None:
         """summary.json written now, on this thread, with the status the run ended with."""
+        if self.status == "running":  # ended inside an epoch: its time so far is training and evaluation
+            self._unfinished_epoch()
         self.status = status
         if not self.dist.is_main or self.writer is None:
             return
@@ -242,6 +244,7 @@ class TrainingSession:
         train_loader = self._start_tensorboard() if self.args.tensorboard and self.dist.is_main else setup.loaders.train
         self._announce(start_epoch, start_step)
         self.started = self.epoch_mark = time.perf_counter()
+        self.eval_mark: float | None = None  # when the current epoch's evaluation began
         self.clock["startup_s"] = time.time() - self.clock_start
         self.status = "running"
         # fp16's GradScaler skips overflowing steps itself: only a long streak means divergence
@@ -252,7 +255,7 @@ class TrainingSession:
                     setup.precision, setup.device, recipe.epochs, start_epoch, start_step, compiled=setup.compiled,
                     observer_for=lambda epoch: self._observer(epoch, recipe.epochs, steps),
                     on_epoch_end=self._epoch_end, should_stop=self._should_stop, nonfinite_patience=patience,
-                    tally_compiler=setup.compiler)
+                    tally_compiler=setup.compiler, on_evaluate=self._evaluating)
             except Interrupted as stop:
                 return self._stopped(stop.epoch, stop.steps)
             except NonFiniteLoss as bad:
@@ -338,7 +341,8 @@ class TrainingSession:
             if self.stop_signal is not None:
                 raise KeyboardInterrupt
             self.stop_signal = signum
-            print("\nstopping after this step and saving last.pt (press Ctrl-C again to stop at once)",
+            print("\nstopping after this step or evaluation and saving last.pt (press Ctrl-C again to stop "
+                  "at once)",
                   file=sys.stderr, flush=True)
 
         previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -348,11 +352,22 @@ class TrainingSession:
             for s, h in previous.items():
                 signal.signal(s, h)
 
+    def _evaluating(self, train) -> None:
+        """fit's call as an epoch's evaluation begins: where its training time ends, should the run
+        end before the epoch does."""
+        self.eval_mark = time.perf_counter()
+
     def _unfinished_epoch(self) -> None:
-        """A run stopped or diverged inside an epoch: that epoch's steps so far count in train_s
-        (its compiling step, if any, included), since no epoch record times them."""
-        self.clock["train_s"] += time.perf_counter() - self.epoch_mark
-        self.epoch_mark = time.perf_counter()
+        """A run stopped, failed or diverged inside an epoch: that epoch's steps so far count in
+        train_s (its compiling step, if any, included) and its evaluation so far in eval_s, since no
+        epoch record times them."""
+        now = time.perf_counter()
+        if self.eval_mark is not None:
+            self.clock["train_s"] += self.eval_mark - self.epoch_mark
+            self.clock["eval_s"] += now - self.eval_mark
+        else:
+            self.clock["train_s"] += now - self.epoch_mark
+        self.epoch_mark, self.eval_mark = now, None
 
     def _stopped(self, epoch: int, steps: int) -> int:
         """Save the state after the last whole step of `epoch`, wait for every write, say how to resume."""
@@ -392,6 +407,8 @@ class TrainingSession:
         p.print(f"run folder: {self.run_dir.path}")
 
     def _epoch_end(self, record: EpochRecord) -> None:
+        # the epoch's time is in its record from here: an end inside this call must not count it again
+        self.epoch_mark, self.eval_mark = time.perf_counter(), None
         t, v = record.train, record.val
         self.compile_s += t.compile_s + v.compile_s
         clock = self.clock

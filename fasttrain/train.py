@@ -306,11 +306,15 @@ def fit(step_fn: TrainStep, model: nn.Module, eval_model: nn.Module, train_loade
         compiled: bool = False, observer_for: Callable[[int], StepObserver | None] = lambda epoch: None,
         on_epoch_end: Callable[[EpochRecord], None] = lambda record: None,
         should_stop: Callable[[int], bool] = lambda step: False, nonfinite_patience: int = 1,
-        tally_compiler: Callable | None = None) -> list[EpochRecord]:
+        tally_compiler: Callable | None = None,
+        on_evaluate: Callable[[EpochStats], None] = lambda train: None) -> list[EpochRecord]:
     """Train from `start_epoch` (at `start_step`) to `epochs` (1-based, inclusive); one record per epoch.
 
     step_fn trains `model` one batch at a time; eval_model (the model, compiled or not) evaluates.
-    Raises Interrupted when should_stop(step) turns true inside an epoch, after a whole step.
+    on_evaluate(train stats) is called as each evaluation begins. Raises Interrupted when
+    should_stop(step) turns true inside an epoch, after a whole step (Interrupted(epoch, steps)), or
+    during an epoch's evaluation and outputs, at the epoch's end (Interrupted(epoch + 1, 0)), unless
+    it was the last.
     """
     records = []
     eval_batch = getattr(val_loader, "batch_size", None) or 1
@@ -324,8 +328,11 @@ def fit(step_fn: TrainStep, model: nn.Module, eval_model: nn.Module, train_loade
                                 tally_compiler=tally_compiler)
         if train.interrupted:
             raise Interrupted(epoch, train.steps)
+        on_evaluate(train)
         val = evaluate(eval_model, val_loader, precision, device, eval_batch, first_batch_compiles=first)
         record = EpochRecord(epoch, train, val, float(lr), graphs_compiled() - graphs)
         records.append(record)
         on_epoch_end(record)
+        if epoch < epochs and should_stop(0):  # asked during evaluation: stop at the boundary, not a step later
+            raise Interrupted(epoch + 1, 0)
     return records

@@ -10,7 +10,7 @@ from fasttrain.data.transforms import dataset_mean_std
 from fasttrain.errors import UserError
 from fasttrain.recipes import CNN_SEED, RESNET_SEED
 
-from conftest import CLASSES, write_class_folders
+from conftest import CLASSES, class_image, write_class_folders
 
 
 def test_cifar_pickles_from_the_folder_or_its_parent(cifar_root):
@@ -80,6 +80,7 @@ def test_cub_release_layout(cub_root):
 def test_val_classes_must_exist_in_train(tmp_path):
     write_class_folders(tmp_path / "train", 2)
     (tmp_path / "val" / "zebra").mkdir(parents=True)
+    class_image(0, 0).save(tmp_path / "val" / "zebra" / "z.jpg")  # images of a class never trained on
     with pytest.raises(UserError, match="classes not in"):
         open_dataset("resnet", tmp_path)
 

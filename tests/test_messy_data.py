@@ -20,6 +20,7 @@ from PIL import Image
 from fasttrain.cli import main
 from fasttrain.data import build_loaders, open_dataset
 from fasttrain.data.index import build_index
+from fasttrain.errors import UserError
 from fasttrain.recipes import CNN_SEED
 
 from conftest import class_image
@@ -190,6 +191,21 @@ def test_an_empty_class_folder_is_a_one_line_error_naming_it(tmp_path, capsys):
     (tmp_path / "zebra").mkdir()
     line = one_line_error(capsys, [*RESNET, "--data", tmp_path, "--out", tmp_path.parent / "run"])
     assert "'zebra'" in line and "no training image" in line
+
+
+def test_a_val_folder_without_images_is_ignored_with_a_note_and_one_with_images_is_refused(tmp_path):
+    data = tmp_path / "data"
+    classes(data / "train", per_class=3)
+    classes(data / "val", per_class=2)
+    (data / "val" / "empty" / "inner").mkdir(parents=True)   # no file at all
+    (data / "val" / "notes").mkdir()
+    (data / "val" / "notes" / "readme.txt").write_text("not an image")  # named in skipped.txt, as ever
+    opened = open_dataset("resnet", data)
+    assert opened.classes == ["a", "b"] and len(opened.val) == 4
+    assert any("empty/, notes/ have no images and are not classes of train/: ignored" in n for n in opened.notes)
+    image(data / "val" / "zebra" / "0.jpg")  # a class the model never trains on: refused, as before
+    with pytest.raises(UserError, match="classes not in .*: zebra"):
+        open_dataset("resnet", data)
 
 
 def test_a_class_with_a_single_image_trains_with_a_note(tmp_path, capsys):

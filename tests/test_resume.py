@@ -263,6 +263,54 @@ def test_a_stop_asked_for_after_the_last_epoch_finishes_the_run(cifar_root, tmp_
     assert summary(out)["status"] == "finished" and load_checkpoint(out / "last.pt")["epoch"] == 1
 
 
+def test_a_stop_asked_for_during_evaluation_stops_at_the_epochs_end_not_a_step_later(cifar_root, tmp_path,
+                                                                                      monkeypatch, capsys):
+    import signal
+
+    import fasttrain.train as train
+
+    real, calls = train.evaluate, []
+
+    def ctrl_c_while_evaluating_epoch_1(*args, **kwargs):
+        calls.append(1)
+        stats = real(*args, **kwargs)
+        if len(calls) == 1:
+            signal.raise_signal(signal.SIGINT)  # the session's handler: stop after this step
+        return stats
+
+    monkeypatch.setattr(train, "evaluate", ctrl_c_while_evaluating_epoch_1)
+    out = tmp_path / "run"
+    assert main(["cnn", "--data", str(cifar_root), "--out", str(out), "--epochs", "3", *SEED_CNN]) == 130
+    held = load_checkpoint(out / "last.pt")
+    assert (held["epoch"], held["step"]) == (1, 0) and len(metrics(out)) == 1
+    assert "stopped at the end of epoch 1" in capsys.readouterr().err
+    # at a boundary, so the batch may change on resume
+    assert main(["cnn", "--out", str(out), "--resume", "--batch-size", "4", "--allow-changes"]) == 0
+    assert [r["epoch"] for r in metrics(out)] == [1, 2, 3]
+
+
+def test_a_run_ended_at_once_during_evaluation_counts_its_training_and_evaluation(cifar_root, tmp_path,
+                                                                                monkeypatch):
+    import fasttrain.train as train
+
+    real = train.evaluate
+
+    def second_ctrl_c_at_the_end_of_evaluation(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "evaluate", second_ctrl_c_at_the_end_of_evaluation)
+    out = tmp_path / "run"
+    assert main(["cnn", "--data", str(cifar_root), "--out", str(out), "--epochs", "2", *SEED_CNN]) == 130
+    s = summary(out)
+    t = s["time"]
+    assert s["status"] == "stopped" and not (out / "last.pt").exists()
+    assert t["train_s"] > 0.1 and t["eval_s"] > 0.01  # 6 steps of the seed CNN, then 20 images scored
+    assert t["other_s"] < t["train_s"]
+    parts = ("startup_s", "compile_s", "train_s", "eval_s", "outputs_s", "other_s")
+    assert sum(t[k] for k in parts) == pytest.approx(t["wall_s"], abs=0.01)
+
+
 def test_a_stopped_run_accounts_for_its_unfinished_epoch_and_last_write(cifar_root, tmp_path, monkeypatch):
     import signal
 

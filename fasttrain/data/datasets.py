@@ -227,6 +227,16 @@ def load_image_folder(path: Path, val_fraction: float, max_pixels: int | None = 
         else:
             known = {same_name(c) for c in classes}
             extra = [c for c in _subfolders(index, (val_name,)) if same_name(c) not in known]
+            holding = {p.relative_to(index.root).parts[1] for p in index.images
+                       if len(p.relative_to(index.root).parts) > 2 and p.relative_to(index.root).parts[0] == val_name}
+            empty = [c for c in extra if c not in holding]
+            if empty:  # nothing in them to score: no class of its own, nothing lost
+                one = len(empty) == 1
+                notes.append(f"{shown(path / val_name)}: {', '.join(e + '/' for e in empty[:5])}"
+                             f"{'' if len(empty) <= 5 else f' and {len(empty) - 5} more'} "
+                             f"{'has' if one else 'have'} no images and {'is not a class' if one else 'are not classes'} "
+                             f"of {train_name}/: ignored")
+                extra = [c for c in extra if c in holding]
             if extra:
                 raise UserError(f"{shown(path / val_name)}: classes not in {shown(path / train_name)}: "
                                 f"{', '.join(extra[:5])}")
