@@ -245,6 +245,7 @@ class TrainingSession:
         self._announce(start_epoch, start_step)
         self.started = self.epoch_mark = time.perf_counter()
         self.eval_mark: float | None = None  # when the current epoch's evaluation began
+        self.outputs_mark: float | None = None  # when the current epoch's outputs began
         self.clock["startup_s"] = time.time() - self.clock_start
         self.status = "running"
         # fp16's GradScaler skips overflowing steps itself: only a long streak means divergence
@@ -274,11 +275,10 @@ class TrainingSession:
                     self.writer.close()
                 self.close()
                 raise RunError(error) from None
-        finished = bool(self.rows) and self.rows[-1]["epoch"] == recipe.epochs
-        if self.stop_signal is not None and not finished:  # asked to stop during evaluation: the epoch is saved
-            return self._stopped(self.rows[-1]["epoch"] + 1 if self.rows else start_epoch, 0)
+        # fit returns only after the last epoch (a stop asked for earlier raised Interrupted)
         if self.stop_signal is not None and self.dist.is_main:
-            print("the last epoch had ended when the stop was asked for: the run is complete", file=sys.stderr)
+            print("the last epoch's training had ended when the stop was asked for: the run is complete",
+                  file=sys.stderr)
         self.status = "finished"
         if self.dist.is_main:
             started = time.perf_counter()
@@ -321,8 +321,9 @@ class TrainingSession:
             self.tensorboard = None
 
     def _should_stop(self, step: int) -> bool:
-        """A signal stops the run after the current step; under torchrun every rank agrees at the
-        same step (one tiny collective every STOP_CHECK steps, not every step)."""
+        """A signal stops the run after the current step, or at the end of an epoch whose evaluation
+        it came in (fit asks with step 0 then); under torchrun every rank agrees at the same step
+        (one tiny collective every STOP_CHECK steps, not every step)."""
         if not self.dist.enabled:
             return self.stop_signal is not None
         return step % STOP_CHECK == 0 and distributed.any_(self.stop_signal is not None, self.device)
@@ -359,15 +360,17 @@ class TrainingSession:
 
     def _unfinished_epoch(self) -> None:
         """A run stopped, failed or diverged inside an epoch: that epoch's steps so far count in
-        train_s (its compiling step, if any, included) and its evaluation so far in eval_s, since no
-        epoch record times them."""
+        train_s (its compiling step, if any, included), its evaluation so far in eval_s and its
+        outputs so far in outputs_s, since no epoch record times them."""
         now = time.perf_counter()
-        if self.eval_mark is not None:
+        if self.outputs_mark is not None:  # ended while writing an epoch's outputs
+            self.clock["outputs_s"] += now - self.outputs_mark
+        elif self.eval_mark is not None:
             self.clock["train_s"] += self.eval_mark - self.epoch_mark
             self.clock["eval_s"] += now - self.eval_mark
         else:
             self.clock["train_s"] += now - self.epoch_mark
-        self.epoch_mark, self.eval_mark = now, None
+        self.epoch_mark, self.eval_mark, self.outputs_mark = now, None, None
 
     def _stopped(self, epoch: int, steps: int) -> int:
         """Save the state after the last whole step of `epoch`, wait for every write, say how to resume."""
@@ -432,7 +435,7 @@ class TrainingSession:
         if not self.dist.is_main:
             self.epoch_mark = time.perf_counter()
             return
-        started = time.perf_counter()
+        started = self.outputs_mark = time.perf_counter()
         self.reporter.end_epoch(row)
         if self.tensorboard is not None:
             self.tensorboard.end_epoch(row)
@@ -444,7 +447,7 @@ class TrainingSession:
                               self._checkpoint_state(record.epoch, 0) if save else None, best=best)
         self._write_summary()
         clock["outputs_s"] += time.perf_counter() - started
-        self.epoch_mark = time.perf_counter()
+        self.epoch_mark, self.outputs_mark = time.perf_counter(), None
 
     def _checkpoint_state(self, epoch: int, step: int) -> dict:
         """Everything to continue exactly: `epoch` epochs finished, then `step` steps of the next."""

@@ -294,7 +294,8 @@ class EpochRecord:
 
 
 class Interrupted(Exception):
-    """A stop was requested; the epoch in progress reached `steps` steps."""
+    """A stop was requested: training stops with `steps` steps of `epoch` done (0 when the stop came
+    during the previous epoch's evaluation: `epoch - 1` whole epochs)."""
 
     def __init__(self, epoch: int, steps: int):
         super().__init__(f"epoch {epoch}, step {steps}")

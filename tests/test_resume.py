@@ -311,6 +311,27 @@ def test_a_run_ended_at_once_during_evaluation_counts_its_training_and_evaluatio
     assert sum(t[k] for k in parts) == pytest.approx(t["wall_s"], abs=0.01)
 
 
+def test_a_run_that_fails_while_writing_an_epochs_outputs_counts_that_time_as_outputs(cifar_root, tmp_path,
+                                                                                      monkeypatch):
+    import time
+
+    import fasttrain.outputs as outputs
+
+    def slow_then_broken(self, *args, **kwargs):
+        time.sleep(0.5)
+        raise RuntimeError("the disk went away")
+
+    monkeypatch.setattr(outputs.RunWriter, "end_epoch", slow_then_broken)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="the disk went away"):
+        main(["cnn", "--data", str(cifar_root), "--out", str(out), "--epochs", "2", *SEED_CNN])
+    s = summary(out)
+    t = s["time"]
+    assert s["status"] == "failed" and t["outputs_s"] >= 0.5 and t["train_s"] > 0 and t["eval_s"] > 0
+    parts = ("startup_s", "compile_s", "train_s", "eval_s", "outputs_s", "other_s")
+    assert sum(t[k] for k in parts) == pytest.approx(t["wall_s"], abs=0.01)
+
+
 def test_a_stopped_run_accounts_for_its_unfinished_epoch_and_last_write(cifar_root, tmp_path, monkeypatch):
     import signal
 
