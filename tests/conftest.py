@@ -48,6 +48,21 @@ def write_class_folders(root: Path, per_class: int, start: int = 0) -> Path:
     return root
 
 
+def fail_in_evaluation(monkeypatch, epoch: int = 2) -> None:
+    """fasttrain.train.evaluate raises, in `epoch` (1-based) of the run, what a dying GPU would."""
+    import fasttrain.train as train
+
+    real, calls = train.evaluate, []
+
+    def dies(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == epoch:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", dies)
+
+
 @pytest.fixture(scope="session")
 def cifar_root(tmp_path_factory) -> Path:
     """Parent folder of a small cifar-100-python/ with 3 classes."""

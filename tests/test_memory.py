@@ -23,8 +23,9 @@ import torch
 import fasttrain.outputs as outputs
 import fasttrain.session as session
 import fasttrain.setup as setup
-import fasttrain.train as train
 from fasttrain.cli import main
+
+from conftest import fail_in_evaluation
 
 SEED_RESNET = ["resnet", "--weights", "none", "--recipe", "seed", "--device", "cpu", "--batch-size", "8",
                "--workers", "0"]
@@ -60,15 +61,7 @@ def _end(how: str, monkeypatch) -> None:
     """Make the run (two epochs) end `how`: at the end, by a failure in epoch 2's evaluation, by a
     second Ctrl-C after epoch 1, or by a full disk at the first checkpoint."""
     if how == "fails":
-        real, calls = train.evaluate, []
-
-        def dies_in_epoch_2(*args, **kwargs):
-            calls.append(1)
-            if len(calls) == 2:
-                raise RuntimeError("CUDA error: an illegal memory access was encountered")
-            return real(*args, **kwargs)
-
-        monkeypatch.setattr(train, "evaluate", dies_in_epoch_2)
+        fail_in_evaluation(monkeypatch, epoch=2)
     elif how == "second ctrl-c":
         real_end = session.TrainingSession._epoch_end
 

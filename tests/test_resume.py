@@ -9,7 +9,7 @@ import torch
 from fasttrain.cli import main
 from fasttrain.outputs import load_checkpoint
 
-from conftest import class_image
+from conftest import class_image, fail_in_evaluation
 
 SEED_CNN = ["--recipe", "seed", "--device", "cpu", "--batch-size", "8", "--workers", "0", "--loader", "torch"]
 
@@ -226,17 +226,7 @@ def test_a_second_ctrl_c_after_a_checkpoint_names_the_epoch_it_holds(cifar_root,
 
 
 def test_a_run_that_dies_does_not_stay_running_in_its_summary(cifar_root, tmp_path, monkeypatch):
-    import fasttrain.train as train
-
-    real, calls = train.evaluate, []
-
-    def dies_in_epoch_2(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train, "evaluate", dies_in_epoch_2)
+    fail_in_evaluation(monkeypatch, epoch=2)
     out = tmp_path / "run"
     with pytest.raises(RuntimeError):
         main(["cnn", "--data", str(cifar_root), "--out", str(out), "--epochs", "2", *SEED_CNN])
