@@ -186,7 +186,7 @@ class TrainingSession:
 
     def _record_end(self, status: str, exc: BaseException) -> None:
         """summary.json written now, on this thread, with the status the run ended with."""
-        if self.status == "running":  # ended inside an epoch: its time so far is training and evaluation
+        if self.status == "running":  # ended inside an epoch: its time so far is not in any epoch record
             self._unfinished_epoch()
         self.status = status
         if not self.dist.is_main or self.writer is None:
@@ -353,7 +353,7 @@ class TrainingSession:
             for s, h in previous.items():
                 signal.signal(s, h)
 
-    def _evaluating(self, train) -> None:
+    def _evaluating(self) -> None:
         """fit's call as an epoch's evaluation begins: where its training time ends, should the run
         end before the epoch does."""
         self.eval_mark = time.perf_counter()

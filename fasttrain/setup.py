@@ -153,9 +153,10 @@ def resume_settings(checkpoint: dict, args: argparse.Namespace, given: set[str],
     given: the option names (argparse dests) present on the command line; overrides: the recipe
     fields those flags set (None where not given). A flag that would change the data, the batch or
     the optimisation is refused unless --allow-changes; --epochs may grow, --workers and compiling
-    may change; --tensorboard is restored unless given again (--no-tensorboard turns it off). Returns the recipe and notes for the user. Raises UserError (one line) for a
-    checkpoint of the other model, a finished run, fewer epochs than done, another recipe, a batch
-    change in the middle of an epoch, and any refused change.
+    may change; --tensorboard is restored unless given again (--no-tensorboard turns it off).
+    Returns the recipe and notes for the user. Raises UserError (one line) for a checkpoint of the
+    other model, a finished run, fewer epochs than done, another recipe, a batch change in the
+    middle of an epoch, and any refused change.
     """
     last = where / "last.pt"
     held = checkpoint.get("model_name") or checkpoint["recipe"].get("model", command)

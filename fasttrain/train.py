@@ -308,11 +308,11 @@ def fit(step_fn: TrainStep, model: nn.Module, eval_model: nn.Module, train_loade
         on_epoch_end: Callable[[EpochRecord], None] = lambda record: None,
         should_stop: Callable[[int], bool] = lambda step: False, nonfinite_patience: int = 1,
         tally_compiler: Callable | None = None,
-        on_evaluate: Callable[[EpochStats], None] = lambda train: None) -> list[EpochRecord]:
+        on_evaluate: Callable[[], None] = lambda: None) -> list[EpochRecord]:
     """Train from `start_epoch` (at `start_step`) to `epochs` (1-based, inclusive); one record per epoch.
 
     step_fn trains `model` one batch at a time; eval_model (the model, compiled or not) evaluates.
-    on_evaluate(train stats) is called as each evaluation begins. Raises Interrupted when
+    on_evaluate() is called as each evaluation begins. Raises Interrupted when
     should_stop(step) turns true inside an epoch, after a whole step (Interrupted(epoch, steps)), or
     during an epoch's evaluation and outputs, at the epoch's end (Interrupted(epoch + 1, 0)), unless
     it was the last.
@@ -329,7 +329,7 @@ def fit(step_fn: TrainStep, model: nn.Module, eval_model: nn.Module, train_loade
                                 tally_compiler=tally_compiler)
         if train.interrupted:
             raise Interrupted(epoch, train.steps)
-        on_evaluate(train)
+        on_evaluate()
         val = evaluate(eval_model, val_loader, precision, device, eval_batch, first_batch_compiles=first)
         record = EpochRecord(epoch, train, val, float(lr), graphs_compiled() - graphs)
         records.append(record)

@@ -227,8 +227,11 @@ def load_image_folder(path: Path, val_fraction: float, max_pixels: int | None = 
         else:
             known = {same_name(c) for c in classes}
             extra = [c for c in _subfolders(index, (val_name,)) if same_name(c) not in known]
-            holding = {p.relative_to(index.root).parts[1] for p in index.images
-                       if len(p.relative_to(index.root).parts) > 2 and p.relative_to(index.root).parts[0] == val_name}
+            holding = set()  # the folders directly in val/ that hold images, at any depth
+            for image in index.images if extra else ():
+                rel = image.relative_to(index.root).parts
+                if len(rel) > 2 and rel[0] == val_name:
+                    holding.add(rel[1])
             empty = [c for c in extra if c not in holding]
             if empty:  # nothing in them to score: no class of its own, nothing lost
                 one = len(empty) == 1
